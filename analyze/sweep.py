@@ -1,0 +1,292 @@
+"""Whole-grid sweeps: one sort per token serves every rule value of a grid.
+
+For every rule in ``analyze.rules`` the kept set of a token is a prefix of its entries
+sorted by descending magnitude, closed under ties (an entry is kept iff its magnitude is
+``>=`` a threshold). So one ``sort_block`` per chunk of stored activations gives, for a
+whole grid of values (e.g. the paper's 26 top-p points, paper.md §3.3):
+
+* the kept counts (``kept_counts``; sparsity = 1 - count / width), via
+  ``torch.searchsorted`` into the sorted row, bit-identical to the mask functions;
+* the kept L1 fraction (``kept_l1``);
+* the output error of a linear target (``linear_target_errors``, paper.md §8 proxies:
+  ``||dy|| / ||y||`` and ``cos(y, y')`` with ``dy = W_down ((1 - m) * h)``) for all grid
+  values at about the cost of one dense matmul ``h @ W_down^T``.
+
+All functions are pure and vectorised over tokens; the only Python loops run over grid
+values or fixed-size blocks of tokens / output features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from actsparse.errors import ActsparseError
+from analyze.rules import check_block, check_rule_value, magnitude, threshold_in_dtype, topk_k
+
+# linear_target_errors works on blocks of W_down^T columns sized to stay in a core's
+# L2 cache (the gather-accumulate is bound by where those rows come from: ~3x faster
+# from L2 than from L3 on the 1 MiB-L2 machines this was measured on), and on blocks of
+# tokens whose segment outputs (~4 MiB) stay in L3 for the reductions that follow.
+_W_CHUNK_BYTES = 512 * 1024
+_Y_BLOCK_BYTES = 4 * 1024 * 1024
+# FBGEMM's embedding-bag kernels are markedly faster for row widths that are multiples
+# of 16 float32 lanes (AVX-512).
+_LANES = 16
+
+
+@dataclass(frozen=True)
+class SortedBlock:
+    """One block's magnitudes sorted per token, shared by every grid value.
+
+    values: [T, W] ``|a|**power`` sorted descending, in a's dtype (the authors' sorted
+        activations, so thresholds read from it are a's-dtype thresholds).
+    order: [T, W] int64, ``values[t, j] = magnitude(a)[t, order[t, j]]``.
+    cum: [T, W] float64 cumulative sum of ``values`` (authors' top-p cumsum).
+    total: [T] float64, ``cum[:, -1]``.
+    power: the top-p power q used for ``values`` (1.0: plain |a|).
+    l1_cum: [T, W] float64 cumulative sum of ``|a|`` in ``order`` when power != 1 (the
+        L1 mass ``kept_l1`` reports), else None because ``cum`` already is that.
+    """
+
+    values: torch.Tensor
+    order: torch.Tensor
+    cum: torch.Tensor
+    total: torch.Tensor
+    power: float = 1.0
+    l1_cum: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        """W, the number of features per token."""
+        return self.values.shape[1]
+
+
+def sort_block(a: torch.Tensor, power: float = 1.0) -> SortedBlock:
+    """Sort one block [tokens, width] by descending ``|a|**power`` per token.
+
+    a: [T, W], any float dtype. Returns a SortedBlock (fields documented there). The
+    sort, the float64 cumsum and the power are the same torch ops as in the authors'
+    sparsification_manager.get_topp_mask, so counts derived from it match
+    ``analyze.rules`` bit for bit. Rows containing NaN raise ActsparseError (the
+    authors' code keeps nothing there and the prefix structure breaks); ``inf`` is
+    handled exactly. Memory: about 26 bytes per entry (values, int64 order, float64 cum;
+    +8 more when power != 1).
+    """
+    check_block(a, ndim=2)
+    check_rule_value("top-p", 0.0, power)
+    values, order = magnitude(a, power).sort(dim=-1, descending=True)
+    cum = values.cumsum(dim=-1, dtype=torch.float64)
+    total = cum[:, -1]
+    # Magnitudes are >= 0, so the total is NaN exactly when the row holds a NaN.
+    bad = torch.isnan(total)
+    if bad.any():
+        raise ActsparseError(f"{int(bad.sum())} of {a.shape[0]} tokens contain NaN activations")
+    l1_cum = None if power == 1.0 else a.abs().gather(1, order).cumsum(dim=-1, dtype=torch.float64)
+    return SortedBlock(values=values, order=order, cum=cum, total=total, power=float(power), l1_cum=l1_cum)
+
+
+def _count_at_least(sb: SortedBlock, thr: torch.Tensor) -> torch.Tensor:
+    """Per token and grid value, the number of entries with ``values >= thr``.
+
+    thr: [T, P] in the values' dtype; returns int64 [T, P]. Equivalent to
+    ``(magnitude >= thr).sum(-1)`` of the mask functions; a NaN threshold keeps nothing.
+    """
+    # searchsorted needs ascending rows; negation is exact, so -v <= -thr iff v >= thr.
+    counts = torch.searchsorted(sb.values.neg(), thr.neg().contiguous(), right=True)
+    return counts.masked_fill_(torch.isnan(thr), 0)
+
+
+def _grid(values, rule: str, power: float = 1.0) -> list[float]:
+    """The grid as a list of Python floats, each validated for ``rule``."""
+    grid = [float(v) for v in torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist()]
+    for v in grid:
+        check_rule_value(rule, v, power)
+    return grid
+
+
+def topp_kept_counts(sb: SortedBlock, p_values) -> torch.Tensor:
+    """Kept entries per token for every top-p value: int64 [T, P].
+
+    sb: SortedBlock of a [T, W]; p_values: P values in [0, 1]. Equals
+    ``rules.topp_mask(a, p, sb.power).sum(-1)`` for each p (tested): the same float64
+    target ``total * p``, idx = first index with cum >= target found by searchsorted
+    (valid because a float64 cumsum of non-negative terms is non-decreasing), 0 when
+    none qualifies (NaN or out-of-range target, as the authors' fallback), threshold
+    ``values[idx]`` in a's dtype, and all ties at the threshold counted.
+    """
+    grid = _grid(p_values, "top-p", sb.power)
+    width = sb.width
+    target = sb.total[:, None] * torch.tensor(grid, dtype=torch.float64)
+    idx = torch.searchsorted(sb.cum, target)
+    idx.masked_fill_((idx >= width) | torch.isnan(target), 0)
+    return _count_at_least(sb, sb.values.gather(1, idx))
+
+
+def kept_counts(rule: str, sb: SortedBlock, values) -> torch.Tensor:
+    """Kept entries per token for every value of ``rule``'s grid: int64 [T, P].
+
+    Equals ``rules.rule_mask(rule, a, v).sum(-1)`` for each v (tested), with the same
+    thresholds in a's dtype:
+      * "top-p": see ``topp_kept_counts``;
+      * "top-k": thr = the k-th largest, k = rules.topk_k(W, fraction) (authors' int());
+      * "max-p": thr = max|a| * p, the same torch scalar multiply as rules.maxp_mask;
+      * "threshold": thr = tau rounded to a's dtype (rules.threshold_in_dtype).
+    Rules other than top-p need a block sorted with power 1.
+    """
+    if rule == "top-p":
+        return topp_kept_counts(sb, values)
+    grid = _grid(values, rule)
+    if sb.power != 1.0:
+        raise ActsparseError(f"{rule} needs a block sorted with power 1, got power {sb.power}")
+    n_tok = sb.values.shape[0]
+    if rule == "top-k":
+        idx = torch.tensor([topk_k(sb.width, f) - 1 for f in grid], dtype=torch.int64)
+        thr = sb.values[:, idx]
+    elif rule == "max-p":
+        # One scalar multiply per value: a Python-scalar product rounds exactly like
+        # maxp_mask's, which a float64 grid tensor would not.
+        top = sb.values[:, 0]
+        thr = torch.stack([top * p for p in grid], dim=1) if grid else sb.values[:, :0]
+    else:
+        thr = torch.stack([threshold_in_dtype(tau, sb.values.dtype) for tau in grid]) if grid else sb.values[0, :0]
+        thr = thr.expand(n_tok, len(grid))
+    return _count_at_least(sb, thr)
+
+
+def _check_counts(sb: SortedBlock, counts: torch.Tensor) -> None:
+    """Raise ActsparseError unless counts is an integer [T, P] tensor within [0, W]."""
+    if counts.dtype not in (torch.int64, torch.int32) or counts.ndim != 2 or counts.shape[0] != sb.values.shape[0]:
+        raise ActsparseError(f"counts must be integer [tokens={sb.values.shape[0]}, P], got {counts.dtype} {tuple(counts.shape)}")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > sb.width):
+        raise ActsparseError(f"counts must lie in [0, {sb.width}]")
+
+
+def kept_l1(sb: SortedBlock, counts: torch.Tensor) -> torch.Tensor:
+    """Fraction of each token's L1 mass ``sum |a|`` held by its kept entries: float64 [T, P].
+
+    counts: [T, P] kept counts from ``kept_counts`` (a tie-closed prefix of the sorted
+    order, so the kept sum is well defined whatever the order among ties). Always the
+    power-1 mass of |a|, also for a block sorted with power q != 1 (its ranking, |a|'s
+    mass); the weight-free error bound of paper.md §8 is dropped mass <= (1 - p) ||h||_1.
+    An all-zero token has kept fraction 1 (nothing can be lost).
+    """
+    _check_counts(sb, counts)
+    cum = sb.cum if sb.l1_cum is None else sb.l1_cum
+    total = cum[:, -1:]
+    kept = cum.gather(1, (counts.long() - 1).clamp_(min=0))
+    kept = torch.where(counts > 0, kept, torch.zeros_like(kept))
+    return torch.where(total > 0, kept / total, torch.ones_like(kept))
+
+
+def _feature_chunks(width: int, d_model: int) -> list[tuple[int, int]]:
+    """Split the d_model output features into near-equal chunks of ``_LANES`` multiples
+    whose W_down^T slice (width x chunk float32) fits ``_W_CHUNK_BYTES``."""
+    max_c = max(_LANES, (_W_CHUNK_BYTES // (4 * width)) // _LANES * _LANES)
+    n = math.ceil(d_model / max_c)
+    c = math.ceil(d_model / n / _LANES) * _LANES
+    return [(j, min(j + c, d_model)) for j in range(0, d_model, c)]
+
+
+def linear_target_errors(
+    h: torch.Tensor,
+    sb: SortedBlock,
+    counts: torch.Tensor,
+    w_down: torch.Tensor,
+    y: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Output error of dropping entries of h before a linear map, for every grid value.
+
+    h: [T, W] values that feed the down projection (any float dtype); sb: SortedBlock
+    whose ranks define the drop order — of h itself (intermediate target) or of another
+    tensor (gate target: ranks by |g|, drops h = u*g at those positions; paper.md §8);
+    counts: [T, P] kept counts (prefix of sb's order); w_down: [d_model, W]; y: optional
+    [T, d_model] dense output, default ``W_down @ h`` computed in this same pass.
+
+    With D_p = W_down @ (h * dropped_mask_p) (paper.md §8 ``dy``) and y' = y - D_p,
+    returns float64 [T, P] tensors:
+      * ``dropped_norm`` = ||D_p||, ``y_norm`` = ||y|| (repeated over P);
+      * ``rel_err`` = ||D_p|| / ||y||; 0 when y = 0 and D_p = 0, inf when only y = 0;
+      * ``cos`` = cos(y, y'); 1 when both are 0, 0 when exactly one is 0.
+
+    Scheme (no matmul per grid value): per token, the P kept counts cut the sorted order
+    into P + 1 disjoint rank segments. One ``embedding_bag`` (FBGEMM's sparse
+    gather-accumulate: rows of W_down^T weighted by h) turns every segment into its
+    output vector, T * W multiply-adds of width d_model in total, as one dense matmul.
+    Segments are laid out from the lowest ranks up, so a cumulative sum over them gives
+    every D_p, and one from the top gives every kept output (used when y is not given,
+    which avoids the cancellation of y - D_p when almost everything is dropped).
+
+    Numerics: h and W_down are cast to float32 (exact from bf16); segment outputs and
+    their cumulative sums accumulate in float32, squared norms and dot products in
+    float64. Expected agreement with a float64 brute force: about 1e-6 of ||y|| in
+    ||D_p||, ||y|| and cos (float32 rounding over W terms), checked at 1e-4 in tests.
+    """
+    check_block(h, ndim=2)
+    n_tok, width = sb.values.shape
+    if h.shape != (n_tok, width):
+        raise ActsparseError(f"h must have the sorted block's shape {(n_tok, width)}, got {tuple(h.shape)}")
+    _check_counts(sb, counts)
+    if w_down.ndim != 2 or w_down.shape[1] != width:
+        raise ActsparseError(f"w_down must be [d_model, {width}], got {tuple(w_down.shape)}")
+    d_model = w_down.shape[0]
+    if y is not None and y.shape != (n_tok, d_model):
+        raise ActsparseError(f"y must be [{n_tok}, {d_model}], got {tuple(y.shape)}")
+    n_p = counts.shape[1]
+
+    # Ascending rank order: the dropped set of count c is the first W - c entries.
+    asc = sb.order.flip(-1)
+    weights = h.gather(1, asc).float()
+    dropped_len, perm = (width - counts.long()).sort(dim=1)
+    starts = torch.cat([torch.zeros(n_tok, 1, dtype=torch.int64), dropped_len], dim=1)  # [T, P+1]
+    wt = w_down.detach().float().t()
+    chunks = [(j0, j1, wt[:, j0:j1].contiguous()) for j0, j1 in _feature_chunks(width, d_model)]
+    max_c = max((j1 - j0 for j0, j1, _ in chunks), default=1)
+    block = max(1, _Y_BLOCK_BYTES // (4 * (n_p + 1) * max_c))
+
+    dropped_sq = torch.zeros(n_tok, n_p, dtype=torch.float64)
+    kept_sq = torch.zeros(n_tok, n_p, dtype=torch.float64)
+    y_dot_kept = torch.zeros(n_tok, n_p, dtype=torch.float64)
+    y_sq = torch.zeros(n_tok, dtype=torch.float64)
+    for t0 in range(0, n_tok, block):
+        t1 = min(n_tok, t0 + block)
+        nb = t1 - t0
+        cols = asc[t0:t1].reshape(-1)
+        w = weights[t0:t1].reshape(-1)
+        offsets = (starts[t0:t1] + torch.arange(nb)[:, None] * width).reshape(-1)
+        for j0, j1, wc in chunks:
+            seg = F.embedding_bag(cols, wc, offsets, mode="sum", per_sample_weights=w).view(nb, n_p + 1, j1 - j0)
+            upto = seg.cumsum(dim=1)  # upto[:, i] = outputs of segments 0..i = D for sorted value i
+            dropped = upto[:, :n_p]
+            if y is None:
+                yc = upto[:, n_p]
+                kept = seg.flip(1).cumsum(dim=1).flip(1)[:, 1:]  # segments i+1..P
+            else:
+                yc = y[t0:t1, j0:j1].float()
+                kept = yc[:, None, :] - dropped
+            dropped_sq[t0:t1] += (dropped * dropped).sum(-1, dtype=torch.float64)
+            kept_sq[t0:t1] += (kept * kept).sum(-1, dtype=torch.float64)
+            y_dot_kept[t0:t1] += (kept * yc[:, None, :]).sum(-1, dtype=torch.float64)
+            y_sq[t0:t1] += (yc * yc).sum(-1, dtype=torch.float64)
+
+    # Back from the per-token sorted order of the counts to the caller's grid order.
+    dropped_sq = torch.empty_like(dropped_sq).scatter_(1, perm, dropped_sq)
+    kept_sq = torch.empty_like(kept_sq).scatter_(1, perm, kept_sq)
+    y_dot_kept = torch.empty_like(y_dot_kept).scatter_(1, perm, y_dot_kept)
+
+    dropped_norm = dropped_sq.sqrt()
+    kept_norm = kept_sq.sqrt()
+    y_norm = y_sq.sqrt()[:, None].expand(n_tok, n_p)
+    y_zero = y_norm == 0
+    rel_err = torch.where(
+        y_zero,
+        torch.where(dropped_norm == 0, 0.0, math.inf),
+        dropped_norm / torch.where(y_zero, 1.0, y_norm),
+    )
+    denom = y_norm * kept_norm
+    cos = torch.where(denom > 0, y_dot_kept / torch.where(denom > 0, denom, 1.0), 0.0).clamp_(-1.0, 1.0)
+    cos = torch.where(y_zero & (kept_norm == 0), 1.0, cos)
+    return {"rel_err": rel_err, "cos": cos, "dropped_norm": dropped_norm, "y_norm": y_norm.contiguous()}

@@ -1,0 +1,499 @@
+"""Collection: stream FFN activations of one model over one corpus into a run of the store.
+
+The forward pass runs on the main thread; a writer thread compresses and writes whole shards
+(``chunk_tokens`` tokens x all layers) while the next batches run, so writing overlaps compute and
+memory stays bounded by ``batch_size x seq_len`` plus two shards in flight, whatever the token count.
+
+Resume: the token stream (windows, batches, shard boundaries) is a pure function of the run config,
+and a shard's token part is written last, so a killed run restarts at the first shard without a token
+part and re-computes exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import platform
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from actsparse.errors import ActsparseError
+from pipeline import store as fmt
+from pipeline.corpora import Window, iter_windows, open_corpus
+from pipeline.models import ResolvedModel, load_model, resolve_model
+from pipeline.sites import SITES, FFNArchitecture, SiteRecorder, ffn_weights, resolve_ffn
+
+DEFAULT_SITES = ("input", "gate", "intermediate")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Everything that determines a run's content (hashed into the run id, with model and corpus hashes).
+
+    Attributes:
+        model: alias, HF id or local checkpoint path.
+        corpus: ``wiki``, ``shakespeare`` or a file path (.txt, .jsonl, .parquet).
+        sites: FFN sites to store (subset of ``pipeline.sites.SITES``).
+        max_tokens: stop after this many tokens (None: the whole split).
+        seq_len: window length in tokens, BOS included.
+        batch_size: windows per forward pass (fixed: batch composition changes float results).
+        dtype: stored dtype, ``bfloat16`` | ``float16`` | ``float32``.
+        compute_dtype: model dtype for the forward pass.
+        chunk_tokens: tokens per chunk/shard along the token axis.
+        split: corpus split, ``collect`` (default) or ``heldout``.
+        text_field: jsonl field or parquet column holding the text.
+        add_bos: start every window with BOS where the tokenizer has one.
+    """
+
+    model: str
+    corpus: str
+    sites: tuple[str, ...] = DEFAULT_SITES
+    max_tokens: int | None = None
+    seq_len: int = 256
+    batch_size: int = 8
+    dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
+    chunk_tokens: int = 1024
+    split: str = "collect"
+    text_field: str | None = None
+    add_bos: bool = True
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        """Raise ActsparseError on values that cannot work, before anything is loaded."""
+        bad = [s for s in self.sites if s not in SITES]
+        if bad or not self.sites:
+            raise ActsparseError(f"unknown site(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SITES)}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ActsparseError(f"site listed twice in {', '.join(self.sites)}")
+        if self.dtype not in fmt.STORED_DTYPES:
+            raise ActsparseError(f"unknown --dtype '{self.dtype}' (choose {', '.join(fmt.STORED_DTYPES)})")
+        if self.compute_dtype not in fmt.STORED_DTYPES:
+            raise ActsparseError(f"unknown --compute-dtype '{self.compute_dtype}' (choose {', '.join(fmt.STORED_DTYPES)})")
+        for name in ("seq_len", "batch_size", "chunk_tokens"):
+            if getattr(self, name) < (2 if name == "seq_len" else 1):
+                raise ActsparseError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ActsparseError(f"--max-tokens must be positive (got {self.max_tokens})")
+        if self.split not in ("collect", "heldout"):
+            raise ActsparseError(f"unknown split '{self.split}' (choose collect or heldout)")
+
+
+@dataclass
+class CollectResult:
+    run_id: str
+    path: Path
+    status: str  # "complete" (written now) or "already-complete"
+    n_tokens: int
+    elapsed_s: float = 0.0
+    forward_s: float = 0.0
+    manifest: dict = field(default_factory=dict)
+
+
+def _versions() -> dict:
+    import duckdb
+    import polars
+    import pyarrow
+    import torch
+    import transformers
+    import zarr
+
+    from actsparse import __version__
+
+    return dict(actsparse=__version__, python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, zarr=zarr.__version__, numpy=np.__version__,
+                pyarrow=pyarrow.__version__, duckdb=duckdb.__version__, polars=polars.__version__)
+
+
+def _model_info(resolved: ResolvedModel, model, tok, arch: FFNArchitecture) -> dict:
+    cfg = model.config
+    return dict(
+        spec=resolved.spec, name=resolved.name, source=resolved.source, license=resolved.license,
+        weights_sha256=resolved.weights_sha256, architecture=type(model).__name__, model_type=cfg.model_type,
+        max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+        vocab_size=getattr(cfg, "vocab_size", None), ffn=arch.describe(),
+        tokenizer=dict(cls=type(tok).__name__, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, special_ids=sorted(tok.all_special_ids)),
+    )
+
+
+def _weights_id(weights_sha256: str, arch: FFNArchitecture, compute_dtype: str) -> str:
+    return fmt.content_hash(dict(weights=weights_sha256, ffn=arch.describe(), dtype=compute_dtype))
+
+
+def _write_weights(paths: fmt.StorePaths, weights_id: str, arch: FFNArchitecture) -> None:
+    """Store the FFN weights of every layer once per model (atomic: temporary directory, then rename)."""
+    import zarr
+
+    target = paths.weights_dir(weights_id)
+    with fmt.blocking_lock(target.parent / ".lock"):
+        if (target / "zarr.json").is_file():
+            return
+        tmp = target.with_name(target.name + ".tmp")
+        fmt.remove_tree(tmp)
+        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        first = ffn_weights(arch, 0)
+        for name, w in first.items():
+            arr = group.create_array(name, shape=(len(arch.layers), *w.shape), dtype="float32",
+                                     chunks=(1, *w.shape), compressors=_compressor(4))
+            for layer in range(len(arch.layers)):
+                arr[layer] = ffn_weights(arch, layer)[name].float().numpy()
+        group.attrs.update(dict(activation=arch.activation, pattern=arch.pattern, d_model=arch.d_model, d_ff=arch.d_ff,
+                                layout="nn.Linear [out, in]; gate/up [d_ff, d_model], down [d_model, d_ff]"))
+        tmp.rename(target)
+
+
+def _compressor(typesize: int):
+    from zarr.codecs import BloscCodec
+
+    # blosc-zstd level 1 with byte shuffle: bf16's sign/exponent bytes compress, mantissa bytes do not;
+    # measured in BENCHMARKS.md (bytes per value, speed against the forward pass).
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize)
+
+
+def _create_arrays(act_dir: Path, cfg: CollectConfig, arch: FFNArchitecture, n_tokens: int) -> dict:
+    import zarr
+
+    group = zarr.open_group(zarr.storage.LocalStore(act_dir), mode="a", zarr_format=3)
+    nd = fmt.numpy_dtype(cfg.dtype)
+    arrays, spec = {}, {}
+    n_layers = len(arch.layers)
+    t = min(cfg.chunk_tokens, max(n_tokens, 1))
+    for site in cfg.sites:
+        width = arch.d_model if site in ("input", "output") else arch.d_ff
+        shape = (n_layers, n_tokens, width)
+        if site in group:
+            arr = group[site]
+            if arr.shape != shape:
+                raise ActsparseError(f"existing array {site} has shape {arr.shape}, expected {shape}: the run directory is corrupt")
+        else:
+            arr = group.create_array(
+                site, shape=shape, dtype=nd, chunks=(1, t, width), shards=(n_layers, t, width),
+                compressors=_compressor(np.dtype(nd).itemsize), fill_value=0,
+                dimension_names=("layer", "token", "feature"),
+                attributes=dict(logical_dtype=cfg.dtype, site=site),
+            )
+        arrays[site] = arr
+        spec[site] = dict(shape=list(shape), chunks=[1, t, width], shards=[n_layers, t, width], numpy_dtype=nd,
+                          logical_dtype=cfg.dtype, width=width)
+    return arrays, spec
+
+
+class _Writer(threading.Thread):
+    """Writes whole shards from a bounded queue; the first exception is kept for the main thread."""
+
+    def __init__(self, run_dir: Path, arrays: dict, on_shard: Callable[[int, dict, dict], None] | None):
+        super().__init__(daemon=True, name="actsparse-writer")
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.run_dir, self.arrays, self.on_shard = run_dir, arrays, on_shard
+        self.error: BaseException | None = None
+        self.write_s = 0.0
+
+    def run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue
+            k, start, blocks, token_rows = item
+            t0 = time.perf_counter()
+            try:
+                n = len(token_rows["token_index"])
+                for site, block in blocks.items():
+                    self.arrays[site][:, start:start + n, :] = block
+                if self.on_shard is not None:
+                    self.on_shard(k, blocks, token_rows)
+                import pyarrow as pa
+
+                fmt.atomic_write_parquet(self.run_dir / "tokens" / fmt.part_name(k), pa.table(token_rows))
+            except BaseException as e:  # re-raised on the main thread
+                self.error = e
+            self.write_s += time.perf_counter() - t0
+
+    def put(self, item) -> None:
+        self.raise_if_failed()
+        self.q.put(item)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _token_texts(tok, ids: np.ndarray) -> list[str]:
+    return [tok.decode([int(i)]) for i in ids]
+
+
+def _batches(windows: list[Window], batch_size: int):
+    for b in range(0, len(windows), batch_size):
+        yield windows[b:b + batch_size]
+
+
+def _forward_batch(model, batch: list[Window], pad_id: int):
+    import torch
+
+    width = max(len(w.token_ids) for w in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, w in enumerate(batch):
+        ids[i, : len(w.token_ids)] = torch.from_numpy(w.token_ids)
+        mask[i, : len(w.token_ids)] = 1
+    body = getattr(model, "base_model", model)  # skip the LM head: only FFN activations are needed
+    with torch.inference_mode():
+        body(input_ids=ids, attention_mask=mask, use_cache=False)
+    return mask.bool()
+
+
+def plan(cfg: CollectConfig, *, progress: bool = False):
+    """Resolve model, tokenizer and corpus and compute the run id without running the model.
+
+    Returns ``(resolved, tokenizer, corpus, windows, run_id, identity)``.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg.validate()
+    resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
+        mcfg = AutoConfig.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ActsparseError(f"cannot load tokenizer/config of {cfg.model}: {str(e).splitlines()[0]}") from e
+    ctx = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
+    if ctx is not None and cfg.seq_len > ctx:
+        raise ActsparseError(f"--seq-len {cfg.seq_len} exceeds the context of {cfg.model} ({ctx} tokens)")
+    corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
+    windows = list(iter_windows(corpus.split(cfg.split), tok, cfg.seq_len, max_tokens=cfg.max_tokens, add_bos=cfg.add_bos))
+    if not windows:
+        raise ActsparseError(f"corpus {cfg.corpus} split '{cfg.split}' yields no tokens")
+    import torch
+    import transformers
+
+    identity = dict(
+        format_version=fmt.FORMAT_VERSION, config=dataclasses.asdict(cfg) | dict(model=None, corpus=None),
+        weights_sha256=resolved.weights_sha256, model_type=mcfg.model_type, corpus_sha256=corpus.sha256,
+        torch=torch.__version__, transformers=transformers.__version__,
+    )
+    return resolved, tok, corpus, windows, fmt.content_hash(identity), identity
+
+
+def collect(cfg: CollectConfig, store: str | Path, *, progress: bool = True,
+            on_shard: Callable[[int, dict, dict], None] | None = None, log: Callable[[str], None] = print) -> CollectResult:
+    """Collect one run (model x corpus x sites) into ``store``; resume it if it was interrupted.
+
+    Args:
+        cfg: the run configuration.
+        store: local store directory (created if missing).
+        progress: show a progress bar with tokens/s.
+        on_shard: extra work per written shard ``(k, blocks, token_rows)`` on the writer thread
+            (per-token statistics); ``blocks[site]`` is the stored numpy array ``[layers, T, width]``.
+        log: where one-line messages go.
+
+    Returns:
+        CollectResult; ``status`` is ``already-complete`` (a no-op) when the run exists and is complete.
+
+    Raises:
+        ActsparseError: bad config, model, corpus or store; another writer holds this run; disk errors.
+    """
+    t_start = time.perf_counter()
+    paths = fmt.create_store(store)
+    resolved, tok, corpus, windows, run_id, identity = plan(cfg)
+    run_dir = paths.run_dir(run_id)
+    manifest_path = run_dir / fmt.MANIFEST
+    n_tokens = sum(len(w.token_ids) for w in windows)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fmt.disk_error(e, f"creating run {run_id}") from e
+    with fmt.exclusive_lock(run_dir / ".lock", f"run {run_id}"):
+        if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("status") == "complete":
+            log(f"run {run_id} is already complete ({n_tokens} tokens); nothing to do")
+            return CollectResult(run_id, run_dir, "already-complete", n_tokens, manifest=json.loads(manifest_path.read_text()))
+        try:
+            return _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id, identity, n_tokens,
+                                   progress, on_shard, log, t_start)
+        except OSError as e:
+            raise fmt.disk_error(e, f"writing run {run_id}") from e
+
+
+def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id, identity, n_tokens,
+                    progress, on_shard, log, t_start) -> CollectResult:
+    import pyarrow as pa
+    import torch
+
+    model, _ = load_model(resolved, cfg.compute_dtype)
+    arch = resolve_ffn(model)
+    unsupported = [s for s in cfg.sites if s not in arch.sites]
+    if unsupported:
+        raise ActsparseError(f"site(s) {', '.join(unsupported)} do not exist in {type(model).__name__} "
+                             f"({arch.pattern} FFN has {', '.join(arch.sites)})")
+    weights_id = _weights_id(resolved.weights_sha256, arch, cfg.compute_dtype)
+    _write_weights(paths, weights_id, arch)
+    act_dir = run_dir / fmt.ACTIVATIONS
+    arrays, array_spec = _create_arrays(act_dir, cfg, arch, n_tokens)
+    manifest = dict(
+        format="actsparse-run", format_version=fmt.FORMAT_VERSION, run_id=run_id, status="incomplete",
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        config=dataclasses.asdict(cfg), identity=identity,
+        model=_model_info(resolved, model, tok, arch) | dict(weights_id=weights_id),
+        corpus=dict(spec=corpus.spec, name=corpus.name, sha256=corpus.sha256, license=corpus.license,
+                    description=corpus.description, n_documents=len(corpus.split(cfg.split))),
+        tokenization=dict(seq_len=cfg.seq_len, add_bos=cfg.add_bos and tok.bos_token_id is not None,
+                          padding="none stored (right-padded batches, attention-mask selected)",
+                          special="BOS and tokenizer special ids flagged in tokens.special"),
+        arrays=array_spec, n_tokens=n_tokens, n_sequences=len(windows), chunk_tokens=cfg.chunk_tokens,
+        versions=_versions(),
+    )
+    if (run_dir / fmt.MANIFEST).is_file():
+        manifest["created"] = json.loads((run_dir / fmt.MANIFEST).read_text()).get("created", manifest["created"])
+    fmt.atomic_write_json(run_dir / fmt.MANIFEST, manifest)
+    docs = corpus.split(cfg.split)
+    fmt.atomic_write_parquet(run_dir / "documents.parquet", pa.table(dict(
+        document_id=pa.array([d.doc_id for d in docs], pa.int32()), key=[d.key for d in docs],
+        split=[d.split for d in docs], n_chars=pa.array([len(d.text) for d in docs], pa.int64()))))
+
+    T = cfg.chunk_tokens
+    done = fmt.completed_parts(run_dir)
+    start_token = min(done * T, n_tokens)
+    if done:
+        log(f"resuming run {run_id} at token {start_token} of {n_tokens}")
+    special_ids = set(tok.all_special_ids)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    writer = _Writer(run_dir, arrays, on_shard)
+    writer.start()
+    buf: dict[str, list[np.ndarray]] = {s: [] for s in cfg.sites}
+    buf_rows: dict[str, list] = {c: [] for c in fmt.TOKEN_COLUMNS}
+    buffered = 0
+    shard_k = done
+    captured: dict[str, list] = {}
+    valid_mask = None
+
+    def sink(site: str, layer: int, t) -> None:
+        rows = t[valid_mask] if t.dim() == 3 else t
+        captured[site][layer] = fmt.encode(rows, cfg.dtype, where=f"site {site} layer {layer}")
+
+    def flush(final: bool) -> None:
+        nonlocal buffered, shard_k
+        while buffered >= T or (final and buffered > 0):
+            n = min(T, buffered)
+            blocks = {}
+            for s in cfg.sites:
+                cat = np.concatenate(buf[s], axis=1) if len(buf[s]) > 1 else buf[s][0]
+                blocks[s], rest = np.ascontiguousarray(cat[:, :n]), cat[:, n:]
+                buf[s] = [rest] if rest.shape[1] else []
+            rows = {c: v[:n] for c, v in buf_rows.items()}
+            for c in buf_rows:
+                buf_rows[c] = buf_rows[c][n:]
+            writer.put((shard_k, shard_k * T, blocks, _typed_rows(rows)))
+            shard_k += 1
+            buffered -= n
+
+    forward_s = 0.0
+    bar = _progress(progress, n_tokens, start_token, f"{resolved.name} × {corpus.name}")
+    token_cursor = 0
+    try:
+        with SiteRecorder(arch, cfg.sites, sink) as rec:
+            for batch in _batches(windows, cfg.batch_size):
+                batch_tokens = sum(len(w.token_ids) for w in batch)
+                if token_cursor + batch_tokens <= start_token:
+                    token_cursor += batch_tokens
+                    continue
+                captured.update({s: [None] * len(arch.layers) for s in cfg.sites})
+                t0 = time.perf_counter()
+                rec.reset_counts()
+                valid_mask = _valid(batch)
+                _forward_batch(model, batch, pad_id)
+                rec.check_fired(1)
+                forward_s += time.perf_counter() - t0
+                skip = max(0, start_token - token_cursor)  # only in the batch that straddles the resume point
+                for s in cfg.sites:
+                    buf[s].append(np.stack(captured[s])[:, skip:])
+                for w in batch:
+                    n = len(w.token_ids)
+                    buf_rows["token_index"].extend(range(token_cursor, token_cursor + n))
+                    buf_rows["sequence"].extend([w.sequence] * n)
+                    buf_rows["position"].extend(range(n))
+                    buf_rows["token_id"].extend(w.token_ids.tolist())
+                    buf_rows["token_text"].extend(_token_texts(tok, w.token_ids))
+                    buf_rows["document_id"].extend([w.doc_id] * n)
+                    buf_rows["special"].extend((w.special | np.isin(w.token_ids, list(special_ids))).tolist())
+                    token_cursor += n
+                if skip:
+                    for c in buf_rows:
+                        buf_rows[c] = buf_rows[c][skip:]
+                buffered += batch_tokens - skip
+                flush(final=False)
+                bar.advance(batch_tokens - skip)
+            flush(final=True)
+    finally:
+        writer.q.put(None)
+        writer.join()
+        bar.close()
+    writer.raise_if_failed()
+
+    parts = fmt.completed_parts(run_dir)
+    expected = -(-n_tokens // T)
+    if parts != expected:
+        raise ActsparseError(f"run {run_id}: {parts} token parts written, expected {expected}; run left incomplete")
+    elapsed = time.perf_counter() - t_start
+    manifest.update(status="complete", completed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    stats=dict(elapsed_s=round(elapsed, 3), forward_s=round(forward_s, 3),
+                               bytes_on_disk=_du(run_dir), tokens_per_s=round((n_tokens - start_token) / max(elapsed, 1e-9), 1)))
+    fmt.atomic_write_json(run_dir / fmt.MANIFEST, manifest)
+    fmt.write_catalogue(paths)
+    log(f"run {run_id} complete: {n_tokens} tokens, {len(cfg.sites)} sites x {len(arch.layers)} layers -> {run_dir}")
+    return CollectResult(run_id, run_dir, "complete", n_tokens, elapsed, forward_s, manifest)
+
+
+def _valid(batch: list[Window]):
+    import torch
+
+    width = max(len(w.token_ids) for w in batch)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, w in enumerate(batch):
+        mask[i, : len(w.token_ids)] = True  # attention-mask positions, never `ids != pad_id` (pitfall P3)
+    return mask
+
+
+def _typed_rows(rows: dict) -> dict:
+    import pyarrow as pa
+
+    return dict(
+        token_index=pa.array(rows["token_index"], pa.int64()), sequence=pa.array(rows["sequence"], pa.int64()),
+        position=pa.array(rows["position"], pa.int32()), token_id=pa.array(rows["token_id"], pa.int32()),
+        token_text=pa.array(rows["token_text"], pa.string()), document_id=pa.array(rows["document_id"], pa.int32()),
+        special=pa.array(rows["special"], pa.bool_()),
+    )
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class _progress:
+    """A rich progress bar with tokens/s, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, done: int, label: str):
+        self.p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), transient=False)
+            self.p.start()
+            self.task = self.p.add_task(label, total=total, completed=done, rate="-")
+            self.t0, self.n = time.perf_counter(), 0
+
+    def advance(self, n: int) -> None:
+        if self.p is not None:
+            self.n += n
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            self.p.update(self.task, advance=n, rate=f"{rate:,.0f}")
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()

@@ -1,0 +1,89 @@
+"""Batch collection jobs from a TOML file.
+
+Format::
+
+    store = "stores/main"            # optional; --store overrides
+    [defaults]                       # optional; any CollectConfig field
+    max_tokens = 4096
+    sites = ["input", "gate", "intermediate"]
+
+    [[jobs]]                         # a list value in a job expands to the product of all lists
+    model = ["smollm2-135m", "gemma3-270m"]
+    corpus = "wiki"
+
+Completed runs are skipped (the run id is a content hash), a failed job does not stop the others, and
+failures are reported at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from actsparse.errors import ActsparseError
+from pipeline.collect import CollectConfig, collect
+
+_FIELDS = {f.name for f in dataclasses.fields(CollectConfig)}
+
+
+def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:
+    """Parse a jobs file into ``(store, configs)``.
+
+    Raises:
+        ActsparseError: missing or invalid TOML, unknown keys, a job without model or corpus.
+    """
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ActsparseError(f"jobs file {path} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ActsparseError(f"jobs file {path} is not valid TOML: {e}") from None
+    unknown = set(doc) - {"store", "defaults", "jobs"}
+    if unknown:
+        raise ActsparseError(f"jobs file {path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
+    defaults = doc.get("defaults", {})
+    jobs = doc.get("jobs", [])
+    if not isinstance(jobs, list) or not jobs:
+        raise ActsparseError(f"jobs file {path} has no [[jobs]] entries")
+    configs = []
+    for i, job in enumerate(jobs, 1):
+        merged = defaults | job
+        bad = set(merged) - _FIELDS
+        if bad:
+            raise ActsparseError(f"jobs file {path}, job {i}: unknown key(s) {', '.join(sorted(bad))}")
+        if "model" not in merged or "corpus" not in merged:
+            raise ActsparseError(f"jobs file {path}, job {i}: needs model and corpus")
+        axes = {k: v for k, v in merged.items() if isinstance(v, list) and k != "sites"}
+        fixed = {k: v for k, v in merged.items() if k not in axes}
+        if "sites" in fixed:
+            fixed["sites"] = tuple(fixed["sites"])
+        for combo in itertools.product(*axes.values()):
+            configs.append(CollectConfig(**fixed, **dict(zip(axes, combo))))
+    return doc.get("store"), configs
+
+
+def run_jobs(path: Path, *, store: Path | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> list[tuple[CollectConfig, str]]:
+    """Run every job; return the failed ones as ``(config, one-line reason)``."""
+    file_store, configs = load_jobs(path)
+    target = store or file_store
+    if target is None:
+        raise ActsparseError(f"jobs file {path} names no store; pass --store")
+    if file_store is not None and store is None:
+        target = str((Path(path).parent / file_store)) if not Path(file_store).is_absolute() else file_store
+    failed = []
+    for i, cfg in enumerate(configs, 1):
+        log(f"[{i}/{len(configs)}] {cfg.model} x {cfg.corpus} ({','.join(cfg.sites)})")
+        try:
+            collect(cfg, target, progress=progress, log=log)
+        except ActsparseError as e:
+            log(f"  failed: {e}")
+            failed.append((cfg, str(e)))
+    ok = len(configs) - len(failed)
+    log(f"{ok} of {len(configs)} job(s) done" + (f"; {len(failed)} failed:" if failed else ""))
+    for cfg, why in failed:
+        log(f"  {cfg.model} x {cfg.corpus}: {why}")
+    return failed
