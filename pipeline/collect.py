@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from actsparse.errors import ActsparseError
+from actsparse.share import write_checksums
 from pipeline import store as fmt
 from pipeline.corpora import Window, iter_windows, open_corpus
 from pipeline.models import ResolvedModel, load_model, resolve_model
@@ -148,14 +149,16 @@ def _write_weights(paths: fmt.StorePaths, weights_id: str, arch: FFNArchitecture
         group.attrs.update(dict(activation=arch.activation, pattern=arch.pattern, d_model=arch.d_model, d_ff=arch.d_ff,
                                 layout="nn.Linear [out, in]; gate/up [d_ff, d_model], down [d_model, d_ff]"))
         tmp.rename(target)
+        write_checksums(target.parent)
 
 
 def _compressor(typesize: int):
     from zarr.codecs import BloscCodec
 
-    # blosc-zstd level 1 with byte shuffle: bf16's sign/exponent bytes compress, mantissa bytes do not;
-    # measured in BENCHMARKS.md (bytes per value, speed against the forward pass).
-    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize)
+    # blosc-lz4 with bit shuffle: the sign/exponent bits of activations compress, mantissa bits barely do.
+    # On real SmolLM2 bf16 activations: 1.55 bytes/value at ~1.6 GB/s, against zstd-1 with byte shuffle
+    # at 1.58 bytes/value and ~0.5 GB/s (BENCHMARKS.md), so writing keeps up with the forward pass.
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize)
 
 
 def _create_arrays(act_dir: Path, cfg: CollectConfig, arch: FFNArchitecture, n_tokens: int) -> dict:
@@ -288,8 +291,10 @@ def collect(cfg: CollectConfig, store: str | Path, *, progress: bool = True,
         cfg: the run configuration.
         store: local store directory (created if missing).
         progress: show a progress bar with tokens/s.
-        on_shard: extra work per written shard ``(k, blocks, token_rows)`` on the writer thread
-            (per-token statistics); ``blocks[site]`` is the stored numpy array ``[layers, T, width]``.
+        on_shard: work per written shard ``(k, blocks, token_rows)`` on the writer thread, before the
+            shard's token part is written; ``blocks[site]`` is the stored numpy array ``[layers, T, width]``.
+            None (the default) writes the per-token statistics (``analyze.token_stats.stats_writer``);
+            a callable replaces them.
         log: where one-line messages go.
 
     Returns:
@@ -363,6 +368,10 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     special_ids = set(tok.all_special_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
+    if on_shard is None:
+        from analyze.token_stats import stats_writer
+
+        on_shard = stats_writer(run_dir, manifest)
     writer = _Writer(run_dir, arrays, on_shard)
     writer.start()
     buf: dict[str, list[np.ndarray]] = {s: [] for s in cfg.sites}
@@ -393,6 +402,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
             buffered -= n
 
     forward_s = 0.0
+    t_loop = time.perf_counter()
     bar = _progress(progress, n_tokens, start_token, f"{resolved.name} × {corpus.name}")
     token_cursor = 0
     try:
@@ -434,14 +444,17 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
         writer.join()
         bar.close()
     writer.raise_if_failed()
+    loop_s = time.perf_counter() - t_loop
 
     parts = fmt.completed_parts(run_dir)
     expected = -(-n_tokens // T)
     if parts != expected:
         raise ActsparseError(f"run {run_id}: {parts} token parts written, expected {expected}; run left incomplete")
     elapsed = time.perf_counter() - t_start
+    write_checksums(run_dir)
     manifest.update(status="complete", completed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    stats=dict(elapsed_s=round(elapsed, 3), forward_s=round(forward_s, 3),
+                    stats=dict(elapsed_s=round(elapsed, 3), forward_s=round(forward_s, 3), loop_s=round(loop_s, 3),
+                               write_s=round(writer.write_s, 3),
                                bytes_on_disk=_du(run_dir), tokens_per_s=round((n_tokens - start_token) / max(elapsed, 1e-9), 1)))
     fmt.atomic_write_json(run_dir / fmt.MANIFEST, manifest)
     fmt.write_catalogue(paths)

@@ -1,6 +1,9 @@
 """Read-only access to a store, local or remote (any fsspec URL: ``file://``, ``http(s)://``, ``s3://``).
 
 Nothing here writes: analysis and queries can run on a store on a read-only filesystem or a web server.
+Nothing here depends on directory listings either, which plain web servers may not offer: run ids come
+from ``catalogue.parquet`` (plus a listing of ``runs/`` where one is available, for incomplete runs), and
+the token parts of a run are named from its manifest (``ceil(n_tokens / chunk_tokens)`` parts).
 """
 
 from __future__ import annotations
@@ -19,8 +22,18 @@ from pipeline import store as fmt
 def _fs(url: str):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(str(url))
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url))
+    except ImportError as e:
+        # fsspec's HTTP filesystem needs aiohttp, an optional dependency (the ``http`` extra).
+        raise ActsparseError(f"reading {url} needs a package that is not installed ({e}); "
+                             "for http(s) stores: pip install aiohttp") from None
     return fs, root.rstrip("/")
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
 
 
 def _check_manifest(m: object, where: str) -> dict:
@@ -29,10 +42,12 @@ def _check_manifest(m: object, where: str) -> dict:
         raise ActsparseError(f"{where}: manifest is not a JSON object")
     fmt._check_version(m, where)
     required = {"run_id": str, "status": str, "config": dict, "model": dict, "corpus": dict, "arrays": dict,
-                "n_tokens": int}
+                "n_tokens": int, "chunk_tokens": int}
     for key, typ in required.items():
         if not isinstance(m.get(key), typ):
             raise ActsparseError(f"{where}: manifest field '{key}' is missing or not a {typ.__name__}")
+    if m["n_tokens"] < 1 or m["chunk_tokens"] < 1:
+        raise ActsparseError(f"{where}: manifest has n_tokens={m['n_tokens']}, chunk_tokens={m['chunk_tokens']}")
     if not fmt.RUN_ID_RE.match(m["run_id"]):
         raise ActsparseError(f"{where}: manifest run_id {m['run_id']!r} is not a valid run id")
     for site in m["arrays"]:
@@ -64,22 +79,72 @@ class StoreReader:
             raise ActsparseError(f"{url} is not an actsparse store (no {fmt.STORE_FILE})") from None
         except (OSError, ValueError) as e:
             raise ActsparseError(f"cannot read {marker}: {e}") from None
+        if not isinstance(meta, dict):
+            raise ActsparseError(f"{url} is not an actsparse store ({fmt.STORE_FILE} is not a JSON object)")
         fmt._check_version(meta, str(url))
+        self.format_version: int = meta["format_version"]
+        if not _is_local(self.fs):
+            self._check_ranges(marker)
+
+    def _check_ranges(self, marker: str) -> None:
+        """Refuse servers that ignore HTTP Range requests (``python -m http.server`` does).
+
+        zarr reads shard indexes and chunks as byte ranges; fsspec returns the whole body when a server
+        ignores the range, which would be decoded as garbage rather than failing.
+        """
+        try:
+            head = self.fs.cat_file(marker, start=0, end=8)
+        except (OSError, ValueError) as e:
+            raise ActsparseError(f"cannot read {marker}: {e}") from None
+        if len(head) != 8:
+            raise ActsparseError(f"{self.url} ignores byte-range requests (asked for 8 bytes, got {len(head)}); "
+                                 "serve the store with a server that supports HTTP Range (nginx, caddy, S3, ...)")
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def run_ids(self, *, include_incomplete: bool = False) -> list[str]:
-        """Ids of the runs (complete ones unless asked), sorted."""
+    def listed_run_ids(self) -> list[str] | None:
+        """Run ids found by listing ``runs/``, or None where the filesystem cannot list it."""
         try:
             entries = self.fs.ls(self.path("runs"), detail=False)
         except FileNotFoundError:
+            return [] if _is_local(self.fs) else None
+        except Exception:  # noqa: BLE001 - listing is optional for remote stores (403, HTML without links, ...)
+            if _is_local(self.fs):
+                raise
+            return None
+        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        return sorted(i for i in names if fmt.RUN_ID_RE.match(i))
+
+    def catalogue_run_ids(self) -> list[str]:
+        """Run ids of ``catalogue.parquet`` (complete runs when it was last rebuilt); [] without one."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            raw = self.fs.cat_file(self.path(fmt.CATALOGUE))
+        except FileNotFoundError:
             return []
-        ids = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        ids = [i for i in ids if fmt.RUN_ID_RE.match(i)]
+        try:
+            ids = pq.read_table(pa.BufferReader(raw), columns=["run_id"]).column("run_id").to_pylist()
+        except (pa.ArrowException, KeyError) as e:
+            raise ActsparseError(f"{self.path(fmt.CATALOGUE)} is not a readable catalogue ({e})") from None
+        return sorted({i for i in ids if isinstance(i, str) and fmt.RUN_ID_RE.match(i)})
+
+    def run_ids(self, *, include_incomplete: bool = False) -> list[str]:
+        """Ids of the runs (complete ones unless asked), sorted.
+
+        A listing of ``runs/`` (where the filesystem offers one) and the catalogue are combined, so a
+        remote store served without directory listings still shows its complete runs.
+        """
+        listed = self.listed_run_ids()
+        ids = sorted(set(listed or ()) | set(self.catalogue_run_ids()))
+        if include_incomplete and listed is not None and _is_local(self.fs):
+            return listed  # a local listing is authoritative: catalogue rows of deleted runs are stale
+        status = {i: self.manifest(i, missing_ok=True).get("status") for i in ids}
         if include_incomplete:
-            return ids
-        return [i for i in ids if self.manifest(i, missing_ok=True).get("status") == "complete"]
+            return [i for i in ids if status[i] is not None]
+        return [i for i in ids if status[i] == "complete"]
 
     def manifest(self, run_id: str, *, missing_ok: bool = False) -> dict:
         if not fmt.RUN_ID_RE.match(run_id):
@@ -125,6 +190,19 @@ class StoreReader:
     def runs(self) -> list["Run"]:
         return [Run(self, self.manifest(i)) for i in self.run_ids()]
 
+    @cached_property
+    def async_fs(self):
+        """An instance of the filesystem created with ``asynchronous=True``, for zarr's own event loop.
+
+        The synchronous instance keeps its HTTP session on fsspec's loop; sharing it with zarr's loop
+        fails, so zarr gets a separate instance (or a wrapper around a synchronous filesystem).
+        """
+        if getattr(self.fs, "async_impl", False):
+            return type(self.fs)(**{**self.fs.storage_options, "asynchronous": True})
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        return AsyncFileSystemWrapper(self.fs, asynchronous=True)
+
 
 @dataclass
 class Run:
@@ -160,13 +238,9 @@ class Run:
     def _zarr_store(self, *parts: str):
         import zarr
 
-        protocols = self.store.fs.protocol if isinstance(self.store.fs.protocol, tuple) else (self.store.fs.protocol,)
-        if "file" in protocols:
+        if _is_local(self.store.fs):
             return zarr.storage.LocalStore(self.store.path(*parts), read_only=True)
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        fs = self.store.fs if getattr(self.store.fs, "async_impl", False) else AsyncFileSystemWrapper(self.store.fs)
-        return zarr.storage.FsspecStore(fs, path=self.store.path(*parts), read_only=True)
+        return zarr.storage.FsspecStore(self.store.async_fs, path=self.store.path(*parts), read_only=True)
 
     @cached_property
     def _arrays(self):
@@ -209,15 +283,29 @@ class Run:
 
         return {name: torch.from_numpy(np.asarray(self._weights[name][layer])) for name in self._weights.array_keys()}
 
+    @property
+    def n_parts(self) -> int:
+        """Number of token parts (shards) of the run, from the manifest."""
+        return -(-self.n_tokens // self.chunk_tokens)
+
     def tokens(self):
-        """The token table as a polars DataFrame (columns ``pipeline.store.TOKEN_COLUMNS``)."""
+        """The token table as a polars DataFrame (columns ``pipeline.store.TOKEN_COLUMNS``).
+
+        Raises:
+            ActsparseError: a token part is missing (a damaged store: ``actsparse verify`` names it).
+        """
         import polars as pl
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        files = sorted(self.store.fs.glob(self.store.path("runs", self.run_id, "tokens", "part-*.parquet")))
-        tables = [pq.read_table(f, filesystem=self.store.fs) for f in files]
-        import pyarrow as pa
-
+        tables = []
+        for k in range(self.n_parts):
+            try:
+                raw = self.store.fs.cat_file(self.store.path("runs", self.run_id, "tokens", fmt.part_name(k)))
+            except FileNotFoundError:
+                raise ActsparseError(f"runs/{self.run_id}/tokens/{fmt.part_name(k)} is missing from {self.store.url}; "
+                                     "check the store with `actsparse verify`") from None
+            tables.append(pq.read_table(pa.BufferReader(raw)))
         return pl.from_arrow(pa.concat_tables(tables))
 
     def special_mask(self) -> np.ndarray:

@@ -118,6 +118,12 @@ def decode(arr: np.ndarray, dtype: str, *, to: str = "float32"):
 # ---------------------------------------------------------------- files
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old or the new content, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; stores are shared between users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -147,6 +154,7 @@ def atomic_write_parquet(path: Path, table) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256 * 1024)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,292 @@
+"""Per-token statistics (Tier B of conventions.md §5): one Parquet row per (token, layer) and site.
+
+Dense activations stay in Zarr; these small summaries are what DuckDB and Polars query across a whole
+store (``actsparse sql``, ``actsparse query``). They are written by collection for every shard, on the
+writer thread (:func:`stats_writer`), and by ``actsparse index`` for runs collected before them
+(:func:`index_store`), as::
+
+    runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet     (K: the shard, as tokens/part-K)
+
+Columns (``TOKEN_STATS_SCHEMA``): run_id, site, layer, token_index, sequence, position, token_id,
+special, then per token ``l1`` (sum |a|), ``l2``, ``max_abs``, ``top1_share`` (max |a| / l1),
+``frac_below_1e_3`` / ``_1e_2`` / ``_1e_1`` (fraction of entries with |a| under 0.001, 0.01, 0.1) and
+``sparsity_p50`` ... ``sparsity_p99`` (fraction of entries the top-p rule drops at p = 0.5, 0.7, 0.8,
+0.9, 0.95, 0.99, exactly as ``analyze.rules.topp_mask``). Statistics are float32; a value that is
+undefined (``top1_share`` of an all-zero token, every statistic of a token holding NaN) is null.
+Rows are ordered by layer, then token, so a filter on one layer reads few row groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from actsparse.errors import ActsparseError
+from analyze.rules import check_block
+from analyze.sweep import SortedBlock, kept_counts, topp_kept_counts
+from pipeline import store as fmt
+
+TOPP_VALUES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+THRESHOLDS = (1e-3, 1e-2, 1e-1)
+TOPP_COLUMNS = tuple(f"sparsity_p{round(p * 100)}" for p in TOPP_VALUES)
+THRESHOLD_COLUMNS = tuple(f"frac_below_1e_{-int(np.log10(t))}" for t in THRESHOLDS)
+STAT_COLUMNS = ("l1", "l2", "max_abs", "top1_share", *THRESHOLD_COLUMNS, *TOPP_COLUMNS)
+KEY_COLUMNS = ("run_id", "site", "layer", "token_index", "sequence", "position", "token_id", "special")
+DIR = "token_stats"
+# DuckDB parallelises a Parquet scan by row group; 128k rows x 21 columns is ~8 MB per group.
+ROW_GROUP_ROWS = 128 * 1024
+# Entries per sorted sub-block: ~20 bytes each (bits, float32 values, float64 cumsum), so ~40 MB at most.
+_BLOCK_ENTRIES = 2 * 1024 * 1024
+
+
+def TOKEN_STATS_SCHEMA():
+    """The Arrow schema of every ``token_stats`` part (and of the SQL view ``token_stats``)."""
+    import pyarrow as pa
+
+    keys = [("run_id", pa.string()), ("site", pa.string()), ("layer", pa.int32()), ("token_index", pa.int64()),
+            ("sequence", pa.int64()), ("position", pa.int32()), ("token_id", pa.int32()), ("special", pa.bool_())]
+    return pa.schema(keys + [(c, pa.float32()) for c in STAT_COLUMNS])
+
+
+def part_path(run_dir: Path, site: str, k: int) -> Path:
+    """Where shard ``k``'s statistics of ``site`` live inside ``run_dir``."""
+    return Path(run_dir) / DIR / f"site={site}" / fmt.part_name(k)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _sorted_magnitudes(a: torch.Tensor) -> np.ndarray:
+    """|a| per token sorted descending: float32 [T, W] (float64 for float64 input).
+
+    16-bit floats (bfloat16, float16) are sorted by the integer bit pattern of |a| (``bits & 0x7FFF``),
+    which orders non-negative floats exactly like their values; numpy sorts 16-bit integers by radix
+    sort, ~15x faster than torch's float sort on CPU. Widening to float32 afterwards is exact, so the
+    values equal those of ``analyze.sweep.sort_block``. NaN comes first (highest bit patterns; numpy
+    sorts NaN last, then the rows are reversed).
+    """
+    if a.dtype in (torch.bfloat16, torch.float16):
+        bits = a.contiguous().view(torch.int16).numpy().view(np.uint16) & np.uint16(0x7FFF)
+        srt = np.sort(bits, axis=1, kind="stable")[:, ::-1]
+        if a.dtype == torch.bfloat16:
+            values = srt.astype(np.uint32)
+            values <<= 16
+            return values.view(np.float32)
+        return srt.view(np.float16).astype(np.float32)
+    mag = np.abs(a.detach().to(torch.float64 if a.dtype == torch.float64 else torch.float32).numpy())
+    return np.ascontiguousarray(np.sort(mag, axis=1)[:, ::-1])
+
+
+def token_stats(block: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-token statistics of one block of activations, from one sort per token.
+
+    Args:
+        block: [tokens, width] activations, any float dtype (bfloat16 as stored is fastest).
+
+    Returns:
+        ``{column: float32 array [tokens]}`` for every name of ``STAT_COLUMNS`` (see the module
+        docstring). NaN marks an undefined value: ``top1_share`` of an all-zero token, and every
+        statistic of a token that holds a NaN activation. The top-p sparsities are
+        ``1 - kept / width`` with the kept counts of ``analyze.sweep.topp_kept_counts`` (equal to
+        ``analyze.rules.topp_mask(block, p).sum(-1)``); ``l1`` is that rule's float64 total.
+
+    Raises:
+        ActsparseError: ``block`` is not a 2-D floating-point tensor with a non-empty width.
+    """
+    check_block(block, ndim=2)
+    values = _sorted_magnitudes(block)
+    bad = np.isnan(values[:, 0])
+    if bad.any():
+        values[bad] = 0.0  # computed as zeros, reported as NaN below
+    # The float64 running sum in descending order is the top-p rule's own (authors' get_topp_mask).
+    cum = np.cumsum(values, axis=1, dtype=np.float64)
+    # The count functions read only values, cum and total; the per-entry order (an argsort plus a
+    # gather, ~30% of the time here) is left out because no statistic depends on which entry is which.
+    sb = SortedBlock(values=torch.from_numpy(values), order=None, cum=torch.from_numpy(cum),
+                     total=torch.from_numpy(cum[:, -1]))
+    width = values.shape[1]
+    l1 = cum[:, -1]
+    max_abs = values[:, 0].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        top1 = max_abs / l1
+    out = {
+        "l1": l1,
+        "l2": np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64)),
+        "max_abs": max_abs,
+        "top1_share": top1,
+    }
+    # Thresholds are compared in float32, where |a| < float32(t) holds exactly when |a| < t as reals.
+    below = 1.0 - kept_counts("threshold", sb, THRESHOLDS).numpy() / width
+    out.update(zip(THRESHOLD_COLUMNS, below.T))
+    topp = 1.0 - topp_kept_counts(sb, TOPP_VALUES).numpy() / width
+    out.update(zip(TOPP_COLUMNS, topp.T))
+    result = {}
+    for name in STAT_COLUMNS:
+        col = np.asarray(out[name], dtype=np.float32)
+        col[bad] = np.nan
+        result[name] = col
+    return result
+
+
+def _column(rows: Mapping, name: str) -> np.ndarray:
+    """One token-row column as numpy (rows hold pyarrow arrays, chunked arrays or lists)."""
+    v = rows[name]
+    return v.to_numpy(zero_copy_only=False) if hasattr(v, "to_numpy") else np.asarray(v)
+
+
+def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_rows: Mapping):
+    """Statistics tables of one shard: one pyarrow table per site, one row per (layer, token).
+
+    Args:
+        run_meta: the run's manifest (``run_id`` and ``arrays[site].logical_dtype`` are used).
+        k: the shard index (for error messages).
+        blocks: ``{site: stored numpy array [layers, T, width]}`` as written to Zarr (uint16 bfloat16
+            bit patterns for a bfloat16 run).
+        token_rows: the shard's token columns (``token_index``, ``sequence``, ``position``, ``token_id``,
+            ``special``), each of length T.
+
+    Returns:
+        ``{site: pyarrow.Table}`` with ``TOKEN_STATS_SCHEMA``, rows ordered by layer, then token.
+
+    Raises:
+        ActsparseError: a block's token count differs from the token rows.
+    """
+    import pyarrow as pa
+
+    keys = {c: _column(token_rows, c) for c in ("token_index", "sequence", "position", "token_id", "special")}
+    n = len(keys["token_index"])
+    schema = TOKEN_STATS_SCHEMA()
+    tables = {}
+    for site, arr in blocks.items():
+        layers, t, width = arr.shape
+        if t != n:
+            raise ActsparseError(f"run {run_meta['run_id']} shard {k} site {site}: {t} tokens in the block, {n} token rows")
+        dtype = run_meta["arrays"][site]["logical_dtype"]
+        step = max(1, _BLOCK_ENTRIES // max(width, 1))
+        parts = [token_stats(fmt.decode(arr[layer, s:s + step], dtype, to="native"))
+                 for layer in range(layers) for s in range(0, n, step)]
+        cols = {
+            "run_id": pa.array(np.full(layers * n, run_meta["run_id"], dtype=object), pa.string()),
+            "site": pa.array(np.full(layers * n, site, dtype=object), pa.string()),
+            "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), n)),
+            **{c: pa.array(np.tile(v, layers), schema.field(c).type) for c, v in keys.items()},
+        }
+        for name in STAT_COLUMNS:
+            v = np.concatenate([p[name] for p in parts])
+            cols[name] = pa.array(v, pa.float32(), mask=np.isnan(v))
+        tables[site] = pa.table(cols, schema=schema)
+    return tables
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_part(path: Path, table) -> None:
+    """Atomic Parquet write with DuckDB-sized row groups (``fmt.atomic_write_parquet`` uses 256k rows)."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        os.chmod(tmp, fmt._umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_shard_stats(run_dir: Path, k: int, tables: Mapping) -> list[Path]:
+    """Write shard ``k``'s tables (from :func:`shard_stats`) atomically; returns the paths written."""
+    written = []
+    for site, table in tables.items():
+        path = part_path(run_dir, site, k)
+        _write_part(path, table)
+        written.append(path)
+    return written
+
+
+def stats_writer(run_dir: Path, manifest: dict) -> Callable[[int, dict, dict], None]:
+    """The ``on_shard`` hook of collection: compute and write a shard's statistics.
+
+    Collection calls it on the writer thread before it writes the shard's token part, so a shard whose
+    token part exists also has its statistics, and a resumed run recomputes both.
+    """
+
+    def on_shard(k: int, blocks: dict, token_rows: dict) -> None:
+        write_shard_stats(run_dir, k, shard_stats(manifest, k, blocks, token_rows))
+
+    return on_shard
+
+
+def missing_parts(run_dir: Path, manifest: dict) -> dict[int, list[str]]:
+    """``{shard: [sites]}`` of a run whose statistics parts do not exist yet."""
+    n_parts = -(-int(manifest["n_tokens"]) // int(manifest["chunk_tokens"]))
+    missing = {}
+    for k in range(n_parts):
+        sites = [s for s in manifest["arrays"] if not part_path(run_dir, s, k).is_file()]
+        if sites:
+            missing[k] = sites
+    return missing
+
+
+def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
+                log: Callable[[str], None] = print) -> dict[str, int]:
+    """Compute the statistics parts that complete runs lack (runs collected before statistics existed).
+
+    Idempotent: parts that exist are kept; each new part is written atomically, then the run's
+    ``checksums.json`` is updated with the new files (``actsparse.share.update_checksums``). Holds the
+    run's writer lock, so it never races a collection or another ``index`` of the same run.
+
+    Args:
+        store: a local store directory.
+        run_refs: run ids or unique prefixes (default: every complete run).
+        log: where one-line messages go.
+
+    Returns:
+        ``{run_id: number of parts written}``.
+
+    Raises:
+        ActsparseError: a remote store, an unknown or incomplete run, another writer holds a run, or a
+            disk error (read-only filesystem, disk full).
+    """
+    import pyarrow.parquet as pq
+
+    from actsparse.share import update_checksums
+    from pipeline.reader import StoreReader, _is_local
+
+    st = StoreReader(str(store))
+    if not _is_local(st.fs):
+        raise ActsparseError(f"index writes into the store; {store} is not a local directory")
+    runs = [st.run(r) for r in run_refs] if run_refs else st.runs()
+    done = {}
+    for run in runs:
+        run_dir = Path(st.root) / "runs" / run.run_id
+        written: list[Path] = []
+        try:
+            with fmt.exclusive_lock(run_dir / ".lock", f"run {run.run_id}"):
+                todo = missing_parts(run_dir, run.manifest)
+                for k, sites in todo.items():
+                    start = k * run.chunk_tokens
+                    stop = min(start + run.chunk_tokens, run.n_tokens)
+                    rows = pq.read_table(run_dir / "tokens" / fmt.part_name(k))
+                    for site in sites:  # one site at a time: one shard of one site in memory
+                        tables = shard_stats(run.manifest, k, {site: run.array(site)[:, start:stop]},
+                                             {c: rows.column(c) for c in rows.column_names})
+                        written += write_shard_stats(run_dir, k, tables)
+                if written and not update_checksums(run_dir, written):
+                    log(f"run {run.run_id} has no checksums.json; `actsparse verify --add-checksums` adds one")
+        except OSError as e:
+            raise fmt.disk_error(e, f"writing token statistics of run {run.run_id}") from e
+        log(f"run {run.run_id}: {len(written)} token_stats part(s) written"
+            + ("" if written else " (all present)"))
+        done[run.run_id] = len(written)
+    return done

@@ -1,0 +1,106 @@
+"""Closed-loop evaluation benchmark: sparsified forward time over dense forward time, per target.
+
+Run with ``make bench-evaluate``. SmolLM2-135M on the wiki held-out split (2048 tokens, seq_len 256,
+batch 8 by default), top-p at p = 0.9 in every layer. The timed forward is the one ``analyze.evaluate``
+runs per batch (decoder, then the LM head on the predicted positions). Dense and sparse timings are
+interleaved in one process, best of ``--repeats``, same batches and thread count. A second table
+compares the top-p rule alone, ``analyze.hooks.topp_mask_fast`` against ``analyze.rules.topp_mask``,
+on the captured FFN input and intermediate of one layer (and checks they are bit-identical).
+Target: sparse / dense <= 1.3 for every target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+TARGETS = ("input", "gate", "up", "intermediate", "all-inputs")
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpus", default="wiki")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--value", type=float, default=0.9)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from analyze.evaluate import SPLIT, _LMHead, _make_batch
+    from analyze.hooks import Sparsifier, topp_mask_fast
+    from analyze.rules import topp_mask
+    from pipeline.corpora import iter_windows, open_corpus
+    from pipeline.models import load_model, resolve_model
+    from pipeline.sites import SiteRecorder, resolve_ffn
+
+    resolved = resolve_model(a.model)
+    model, _ = load_model(resolved)
+    tok = AutoTokenizer.from_pretrained(resolved.path)
+    arch = resolve_ffn(model)
+    head = _LMHead(model, a.model)
+    windows = list(iter_windows(open_corpus(a.corpus).split(SPLIT), tok, a.seq_len, max_tokens=a.tokens))
+    batches = [_make_batch(windows[b:b + a.batch_size], tok.pad_token_id or 0, set(tok.all_special_ids))
+               for b in range(0, len(windows), a.batch_size)]
+    n_tokens = sum(len(w.token_ids) for w in windows)
+
+    def forward() -> None:
+        for b in batches:
+            head.logits(head.hidden(b.ids, b.attn)[b.rows, b.cols])
+
+    def sparse_forward(sp: Sparsifier) -> None:
+        for b in batches:
+            sp.begin_batch(b.valid)
+            head.logits(head.hidden(b.ids, b.attn)[b.rows, b.cols])
+            sp.end_batch()
+
+    dense_t = {t: float("inf") for t in TARGETS}
+    sparse_t = dict(dense_t)
+    with torch.inference_mode():
+        forward()  # warm-up, excluded
+        for _ in range(a.repeats):
+            for target in TARGETS:
+                dense_t[target] = min(dense_t[target], best_of(forward, 1))
+                with Sparsifier(arch, target, "top-p", a.value) as sp:
+                    sparse_t[target] = min(sparse_t[target], best_of(lambda: sparse_forward(sp), 1))
+
+        # The rule alone on real activations of the middle layer.
+        captured = {}
+        layer = len(arch.layers) // 2
+        with SiteRecorder(arch, ("input", "intermediate"), lambda s, i, t: captured.__setitem__((s, i), t.clone())):
+            head.hidden(batches[0].ids, batches[0].attn)
+        rule_rows = []
+        for site in ("input", "intermediate"):
+            x = captured[(site, layer)]
+            same = torch.equal(topp_mask_fast(x, a.value), topp_mask(x, a.value))
+            ref = min(best_of(lambda: topp_mask(x, a.value), 1) for _ in range(a.repeats))
+            fast = min(best_of(lambda: topp_mask_fast(x, a.value), 1) for _ in range(a.repeats))
+            rule_rows.append((site, tuple(x.shape), ref, fast, same))
+
+    print(f"{a.model} x {a.corpus} held-out, {n_tokens} tokens, seq_len {a.seq_len}, batch {a.batch_size}, "
+          f"top-p {a.value} in all {len(arch.layers)} layers, {torch.get_num_threads()} threads, best of {a.repeats}")
+    print(f"{'target':<14}{'dense s':>9}{'sparse s':>10}{'ratio':>8}")
+    for target in TARGETS:
+        print(f"{target:<14}{dense_t[target]:9.2f}{sparse_t[target]:10.2f}{sparse_t[target] / dense_t[target]:8.3f}")
+    print("target: ratio <= 1.3")
+    print(f"\ntop-p mask alone, layer {layer} (ms)")
+    print(f"{'site':<14}{'shape':>16}{'rules.topp_mask':>17}{'topp_mask_fast':>16}{'speed-up':>10}  identical")
+    for site, shape, ref, fast, same in rule_rows:
+        print(f"{site:<14}{str(shape):>16}{ref * 1e3:17.1f}{fast * 1e3:16.1f}{ref / fast:10.1f}  {same}")
+
+
+if __name__ == "__main__":
+    main()
