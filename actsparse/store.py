@@ -11,7 +11,8 @@ tokens              every run's token table (``tokens/part-*.parquet``) with a `
 token_stats         one row per run x site x layer x token (``analyze.token_stats``)
 curves              ``runs/<id>/analysis/curves-*.parquet``; sparsity/error curves per rule value
 critical_sparsity   ``runs/<id>/analysis/critical-*.parquet``; critical sparsity per tolerance
-evaluations         ``runs/<id>/analysis/evaluate-*.parquet``; closed-loop evaluations
+evaluations         ``runs/<id>/analysis/evaluate-*.parquet`` and the store-level
+                    ``evaluations/evaluate-*.parquet``; closed-loop evaluations
 ==================  ===========================================================================
 
 The analysis tables exist (empty, with their documented columns) before any analysis has run.
@@ -23,9 +24,9 @@ directory, and the configuration is then locked, so a query can neither write a 
 and DuckDB's spill files go to a private temporary directory outside the store (pitfall P10).
 
 Remote stores: DuckDB's own httpfs is not used; the store's fsspec filesystem is registered with
-DuckDB behind a read-only wrapper (protocol ``actsparse://``). File lists never depend on directory
-listings: token parts are named by the manifest, derived files come from each run's
-``checksums.json`` (or are probed by name).
+DuckDB behind a read-only wrapper (protocol ``actsparse://``). File lists of runs never depend on
+directory listings: token parts are named by the manifest, derived files come from each run's
+``checksums.json`` (or are probed by name); only store-level evaluations need a listing.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
 
 from actsparse.errors import ActsparseError
 from pipeline import store as fmt
@@ -92,40 +92,35 @@ def _layer_stats():
     return [(f"{c}_mean", c) for c in STAT_COLUMNS]
 
 
-class _ReadOnlyFS:
-    """Factory of a read-only fsspec filesystem over ``root`` of another filesystem (for DuckDB).
+def _read_only_fs(fs, root: str):
+    """A read-only fsspec filesystem over ``root`` of ``fs``, for registering with DuckDB.
 
     DuckDB sees paths ``actsparse://<store-relative path>``; opening one for anything but reading fails.
-    Built lazily so that importing this module does not import fsspec.
     """
+    from fsspec import AbstractFileSystem
 
-    @staticmethod
-    def make(fs, root: str):
-        from fsspec import AbstractFileSystem
+    class ReadOnlyStoreFS(AbstractFileSystem):
+        protocol = _REMOTE
+        cachable = False  # one instance per Store: never shared through fsspec's instance cache
 
-        class ReadOnlyStoreFS(AbstractFileSystem):
-            protocol = _REMOTE
-            cachable = False  # one instance per Store: never shared through fsspec's instance cache
+        def _url(self, path: str) -> str:
+            return f"{root}/{str(path).removeprefix(f'{_REMOTE}://').lstrip('/')}"
 
-            def _url(self, path: str) -> str:
-                rel = str(path).removeprefix(f"{_REMOTE}://").lstrip("/")
-                return f"{root}/{rel}"
+        def _open(self, path, mode="rb", **kwargs):
+            if mode != "rb":
+                raise PermissionError(f"the store is read-only (open {path!r} mode {mode!r} refused)")
+            return fs.open(self._url(path), "rb")
 
-            def _open(self, path, mode="rb", **kwargs):
-                if mode != "rb":
-                    raise PermissionError(f"the store is read-only (open {path!r} mode {mode!r} refused)")
-                return fs.open(self._url(path), "rb")
+        def info(self, path, **kwargs):
+            return {**fs.info(self._url(path)), "name": str(path)}
 
-            def info(self, path, **kwargs):
-                return {**fs.info(self._url(path)), "name": str(path)}
+        def modified(self, path):
+            try:
+                return fs.modified(self._url(path))
+            except NotImplementedError:  # HTTP has no modification times; a session never sees changes
+                return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
-            def modified(self, path):
-                try:
-                    return fs.modified(self._url(path))
-                except NotImplementedError:  # HTTP has no modification times; a session never sees changes
-                    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-
-        return ReadOnlyStoreFS()
+    return ReadOnlyStoreFS()
 
 
 class Store:
@@ -195,6 +190,7 @@ class Store:
         except Exception:  # noqa: BLE001 - listings are optional on remote stores (403, no index pages)
             globbed = []
         prefix = self.reader.path(base) + "/"
+        # a listing adds files not recorded yet; percent-quoted names (site%3Dgate) are left to the above
         found |= {g[len(prefix):] for g in globbed if g.startswith(prefix) and "%" not in g}
         return [f"{base}/{r}" for r in sorted(found)]
 
@@ -210,7 +206,24 @@ class Store:
                 out[rid] = self._run_files(rid, "token_stats/site=*/part-*.parquet", expected)
             else:
                 out[rid] = self._run_files(rid, f"analysis/{ANALYSIS_TABLES[table][0]}-*.parquet", [])
+        if table == "evaluations":
+            out[""] = self._store_evaluations()
         return out
+
+    def _store_evaluations(self) -> list[str]:
+        """Store-level evaluations (``evaluations/evaluate-*.parquet``: models or corpora never collected).
+
+        Remote stores list them only where the server offers directory listings.
+        """
+        pattern = "evaluations/evaluate-*.parquet"
+        if self.local:
+            return sorted(p.relative_to(self.reader.root).as_posix() for p in Path(self.reader.root).glob(pattern))
+        try:
+            found = self.reader.fs.glob(self.reader.path(pattern))
+        except Exception:  # noqa: BLE001 - listings are optional on remote stores
+            return []
+        prefix = self.reader.path("")
+        return sorted(f[len(prefix):] for f in found if f.startswith(prefix))
 
     def files(self, table: str) -> list[str]:
         """Store-relative paths of the Parquet files behind a file-backed table, sorted by run."""
@@ -266,12 +279,12 @@ class Store:
                 return _empty_select((f.name, _ARROW_TO_DUCKDB[str(f.type)]) for f in TOKEN_STATS_SCHEMA())
             # site is a column of every file too, so the site=<site> directories need no hive parsing
             return f"SELECT * FROM read_parquet({files(paths)}, hive_partitioning=false)"
-        prefix, columns = ANALYSIS_TABLES[table]
+        columns = ANALYSIS_TABLES[table][1]
         paths = self.files(table)
         if not paths:
             return _empty_select(columns)
         # BY NAME against the documented (empty) table: every documented column exists, extra ones are kept
-        return f"{_empty_select(columns)} UNION ALL BY NAME SELECT * FROM read_parquet({files(paths)}, union_by_name=true)"
+        return f"({_empty_select(columns)}) UNION ALL BY NAME (SELECT * FROM read_parquet({files(paths)}, union_by_name=true))"
 
     def _connect(self, memory_limit: str, threads: int | None) -> None:
         import duckdb
@@ -285,7 +298,7 @@ class Store:
         except duckdb.Error as e:
             raise ActsparseError(f"cannot start DuckDB: {one_line(e)}") from None
         if not self.local:
-            con.register_filesystem(_ReadOnlyFS.make(self.reader.fs, self.reader.root))
+            con.register_filesystem(_read_only_fs(self.reader.fs, self.reader.root))
         for name, arrow in (("runs", self._runs_arrow()), ("_layer_base", self._layer_base_arrow())):
             con.register("_arrow", arrow)
             con.execute(f"CREATE TABLE {name} AS SELECT * FROM _arrow")
@@ -331,8 +344,8 @@ class Store:
             what = getattr(kind, "name", "this")
             raise ActsparseError(f"only SELECT queries are allowed; the store is read-only ({what} statement refused)")
 
-    def relation_arrow(self, query: str, params: dict[str, Any] | None = None):
-        """Run one read-only statement and return its rows as a pyarrow Table (Arrow, never ``.df()``).
+    def arrow(self, query: str, **params):
+        """Run one ``SELECT`` like :meth:`sql` and return its rows as a pyarrow Table (never via pandas).
 
         Raises:
             ActsparseError: a write or non-SELECT statement, more than one statement, or any DuckDB error
@@ -355,11 +368,11 @@ class Store:
             polars DataFrame.
 
         Raises:
-            ActsparseError: as :meth:`relation_arrow`.
+            ActsparseError: as :meth:`arrow`.
         """
         import polars as pl
 
-        return pl.from_arrow(self.relation_arrow(query, params))
+        return pl.from_arrow(self.arrow(query, **params))
 
     def query(self, name: str, **params):
         """Run a named query of ``queries/`` (``actsparse query list``); missing parameters take defaults.
@@ -430,7 +443,8 @@ class Store:
 
         base = pl.from_arrow(self._layer_base_arrow()).lazy()
         stats = (self.scan("token_stats").filter(~pl.col("special")).group_by("run_id", "site", "layer")
-                 .agg(pl.len().cast(pl.Int64).alias("n_tokens"), *(pl.col(src).mean().alias(out) for out, src in _layer_stats())))
+                 .agg(pl.len().cast(pl.Int64).alias("n_tokens"),
+                      *(pl.col(src).cast(pl.Float64).mean().alias(out) for out, src in _layer_stats())))
         return (base.join(stats, on=["run_id", "site", "layer"], how="left")
                 .with_columns(pl.col("n_tokens").fill_null(0)))
 

@@ -68,6 +68,7 @@ class CurveConfig:
     grids: dict = field(default_factory=dict)
     power: float = 1.0
     include_special: bool = False
+    with_error: bool = True
     block_tokens: int = 1024
 
     def grid(self, rule: str) -> tuple[float, ...]:
@@ -259,10 +260,16 @@ def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: d
             sb = S.sort_block(a, power)
             grid = cfg.grid(rule)
             counts = S.kept_counts(rule, sb, _values_for(rule, grid, taus, (layer, target)))
-            errs = S.linear_target_errors(h, sb, counts, w["down"])
+            errs = S.linear_target_errors(h, sb, counts, w["down"]) if cfg.with_error else None
             accs[(layer, target, rule)].add(counts, S.kept_l1(sb, counts), errs, x_norm)
         return
     x = sites["input"]
+    if not cfg.with_error and target == "input":
+        for rule in cfg.rules:
+            sb = S.sort_block(x, cfg.power if rule == "top-p" else 1.0)
+            counts = S.kept_counts(rule, sb, _values_for(rule, cfg.grid(rule), taus, (layer, target)))
+            accs[(layer, target, rule)].add(counts, S.kept_l1(sb, counts), None, None)
+        return
     y = _linear(_ffn(x, w, act_fn), w["down"], None)
     y_norm = y.norm(dim=1)
     for rule in cfg.rules:
@@ -338,8 +345,8 @@ def _prefetch(items: Iterable, fn, depth: int = 1):
 
 def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] = ("intermediate",),
                    rules: Sequence[str] = ("top-p",), grids: dict | None = None, power: float = 1.0,
-                   include_special: bool = False, block_tokens: int = 1024, layers: Sequence[int] | None = None,
-                   use_cache: bool = True, progress=None):
+                   include_special: bool = False, with_error: bool = True, block_tokens: int = 1024,
+                   layers: Sequence[int] | None = None, use_cache: bool = True, progress=None):
     """Open-loop sparsity curves of one run, as a polars DataFrame (cached in the store as Parquet).
 
     Args:
@@ -352,6 +359,8 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         power: top-p power q >= 1 (authors' ``topp_power``).
         include_special: count BOS/special tokens (excluded by default: attention-sink tokens skew
             statistics, pitfall P4).
+        with_error: compute the FFN-output error columns (False: sparsity only, about the cost of
+            reading the arrays; error columns are NaN). all-inputs always computes them.
         block_tokens: tokens per streamed block (memory bound).
         layers: restrict to these layers (default all); not cached when given.
         use_cache: reuse/write ``runs/<id>/analysis/curves-<analysis_id>.parquet``.
@@ -373,7 +382,8 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
 
     st = store if isinstance(store, StoreReader) else StoreReader(str(store))
     run = st.run(run_id)
-    cfg = CurveConfig(tuple(targets), tuple(rules), dict(grids or {}), float(power), include_special, block_tokens)
+    cfg = CurveConfig(tuple(targets), tuple(rules), dict(grids or {}), float(power), include_special,
+                      with_error or "all-inputs" in targets, block_tokens)
     cfg.validate()
     glu = run.manifest["model"]["ffn"].get("pattern", "glu") != "mlp"
     for t in cfg.targets:

@@ -44,7 +44,8 @@ Files (the summary name matches the view's ``evaluate-*.parquet`` glob; the othe
     B/evaluate-<eval_id>.parquet           one row per grid value: run_id, target, rule, value,
                                            sparsity, nll, ppl, top1_acc, kl, n_tokens, eval_id,
                                            dense_*, acc_ratio(_lo/_hi), dnll(_lo/_hi), ...
-    B/evaluate_layers-<eval_id>.parquet    sparsity per (value, layer, hook); layer -1 = model level
+    B/evaluate_layers-<eval_id>.parquet    sparsity per (value, layer, hook); layer -1 = model level;
+                                           n_positions = input positions counted
     B/evaluate_critical-<eval_id>.parquet  critical sparsity per criterion with bootstrap interval
     B/evaluate-<eval_id>/config.json       identity, readable config and hook list
     B/evaluate-<eval_id>/value-<v>.parquet per-window sums of grid value v, written atomically when
@@ -273,7 +274,9 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
             lo, hi = _interval(samples[:, j])
             row[f"{k}_lo"], row[f"{k}_hi"] = float(lo[0]), float(hi[0])
         rows.append(row)
-    summary = pl.DataFrame(rows).with_columns(label=pl.lit("closed-loop"))
+    # run_id is null for store-level evaluations: keep it a string column so tables concatenate.
+    strings = dict(run_id=pl.String)
+    summary = pl.DataFrame(rows, schema_overrides=strings).with_columns(label=pl.lit("closed-loop"))
 
     criteria = {"top1_acc": (point["acc_ratio"], boot["acc_ratio"]),
                 "exp_neg_dnll": (np.exp(-point["dnll"]), nll_ratio)}
@@ -295,11 +298,12 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
         per_hook = hook_sparse[j].sum(axis=0)
         for h, hook in enumerate(hooks):
             layer_rows.append(dict(meta, value=float(v), layer=int(hook["layer"]), hook=hook["site"],
-                                   width=int(hook["width"]), n_tokens=int(valid_total),
+                                   width=int(hook["width"]), n_positions=int(valid_total),
                                    sparsity=float(per_hook[h] / (valid_total * hook["width"]))))
         layer_rows.append(dict(meta, value=float(v), layer=-1, hook="model", width=int(widths.sum()),
-                               n_tokens=int(valid_total), sparsity=float(point["sparsity"][j])))
-    return summary, pl.DataFrame(layer_rows), pl.DataFrame(critical)
+                               n_positions=int(valid_total), sparsity=float(point["sparsity"][j])))
+    return (summary, pl.DataFrame(layer_rows, schema_overrides=strings),
+            pl.DataFrame(critical, schema_overrides=strings))
 
 
 # ---------------------------------------------------------------- model plumbing
@@ -416,26 +420,21 @@ def _done_values(parts: Path) -> dict[float, Path]:
     return done
 
 
-def _check_against_run(store, run_ref: str, model: str | None, corpus: str | None) -> tuple[dict, str, str]:
-    """The run's manifest and the model/corpus specs to use; refuses a model or corpus that is not the run's."""
-    from pipeline.models import resolve_model
+def _run_manifest(store, run_ref: str) -> dict:
     from pipeline.reader import StoreReader
 
-    run = StoreReader(str(store)).run(run_ref)
-    m = run.manifest
-    run_model, run_corpus = m["config"]["model"], m["corpus"]["spec"]
-    if model is not None and model != run_model:
-        sha = resolve_model(model).weights_sha256
-        if sha != m["model"]["weights_sha256"]:
-            raise ActsparseError(f"model {model} (weights sha256 {sha[:12]}) does not match run {run.run_id} "
-                                 f"(model {run_model}, weights sha256 {m['model']['weights_sha256'][:12]})")
-    if corpus is not None and corpus != run_corpus:
-        from pipeline.corpora import open_corpus
+    return StoreReader(str(store)).run(run_ref).manifest
 
-        if open_corpus(corpus).sha256 != m["corpus"]["sha256"]:
-            raise ActsparseError(f"corpus {corpus} does not match run {run.run_id} (corpus {run_corpus}); "
-                                 "an evaluation stored with a run uses the run's corpus")
-    return m, model or run_model, corpus or run_corpus
+
+def _check_against_run(m: dict, model: str, weights_sha256: str, corpus: str, corpus_sha256: str) -> None:
+    """Refuse a model or corpus whose content is not the run's (specs may differ: a path vs an alias)."""
+    run_model, run_corpus = m["config"]["model"], m["corpus"]["spec"]
+    if weights_sha256 != m["model"]["weights_sha256"]:
+        raise ActsparseError(f"model {model} (weights sha256 {weights_sha256[:12]}) does not match run {m['run_id']} "
+                             f"(model {run_model}, weights sha256 {m['model']['weights_sha256'][:12]})")
+    if corpus_sha256 != m["corpus"]["sha256"]:
+        raise ActsparseError(f"corpus {corpus} does not match run {m['run_id']} (corpus {run_corpus}); "
+                             "an evaluation stored with a run uses the run's corpus")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -470,13 +469,13 @@ def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None =
     from pipeline.models import resolve_model
 
     cfg.validate()
-    run_id = None
+    manifest = None
     if run is not None:
         if store is None:
             raise ActsparseError("--run needs --store (the store holding the run)")
-        manifest, model_spec, corpus_spec = _check_against_run(store, run, cfg.model, cfg.corpus)
-        run_id = manifest["run_id"]
-        cfg = dataclasses.replace(cfg, model=model_spec, corpus=corpus_spec)
+        manifest = _run_manifest(store, run)
+        cfg = dataclasses.replace(cfg, model=cfg.model or manifest["config"]["model"],
+                                  corpus=cfg.corpus or manifest["corpus"]["spec"])
     if cfg.model is None or cfg.corpus is None:
         raise ActsparseError("evaluate needs --model and --corpus (or --run with --store to use the run's)")
 
@@ -490,6 +489,10 @@ def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None =
     if ctx is not None and cfg.seq_len > ctx:
         raise ActsparseError(f"--seq-len {cfg.seq_len} exceeds the context of {cfg.model} ({ctx} tokens)")
     corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
+    run_id = None
+    if manifest is not None:
+        _check_against_run(manifest, cfg.model, resolved.weights_sha256, cfg.corpus, corpus.sha256)
+        run_id = manifest["run_id"]
     windows = list(iter_windows(corpus.split(SPLIT), tok, cfg.seq_len, max_tokens=cfg.max_tokens, add_bos=True))
     special_ids = set(tok.all_special_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

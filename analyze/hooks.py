@@ -55,22 +55,23 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-def _sort_rows(bits: np.ndarray) -> np.ndarray:
-    """Ascending sort of every row of a 2-D integer array, rows split over torch's thread count.
+def _sort_rows_descending(bits: np.ndarray) -> np.ndarray:
+    """Descending sort of every row of a 2-D integer array, rows split over torch's thread count.
 
-    numpy's sort releases the GIL, so threads scale it; results do not depend on the split.
+    Sorts the bitwise complement ascending (``~x`` reverses integer order), so no reversed copy is
+    needed. numpy's sort releases the GIL, so threads scale it; results do not depend on the split.
     """
     global _pool, _pool_size
-    out = bits.copy()
+    out = np.invert(bits)
     n_threads = min(torch.get_num_threads(), os.cpu_count() or 1, len(bits) // _PARALLEL_ROWS)
     if n_threads <= 1:
         out.sort(axis=-1)
-        return out
-    if _pool is None or _pool_size < n_threads:
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="actsparse-sort"), n_threads
-    parts = np.array_split(np.arange(len(bits)), n_threads)
-    list(_pool.map(lambda idx: out[idx[0]:idx[-1] + 1].sort(axis=-1), parts))
-    return out
+    else:
+        if _pool is None or _pool_size < n_threads:
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="actsparse-sort"), n_threads
+        parts = np.array_split(np.arange(len(bits)), n_threads)
+        list(_pool.map(lambda idx: out[idx[0]:idx[-1] + 1].sort(axis=-1), parts))
+    return np.invert(out, out=out)
 
 
 def topp_mask_fast(a: torch.Tensor, p: float, power: float = 1.0) -> torch.Tensor:
@@ -97,8 +98,7 @@ def topp_mask_fast(a: torch.Tensor, p: float, power: float = 1.0) -> torch.Tenso
     s = magnitude(a, power)
     width = s.shape[-1]
     rows = s.reshape(-1, width)
-    bits = _sort_rows(rows.view(_INT_VIEW[s.dtype]).numpy())
-    srt = torch.from_numpy(bits).view(s.dtype).flip(-1)  # descending
+    srt = torch.from_numpy(_sort_rows_descending(rows.view(_INT_VIEW[s.dtype]).numpy())).view(s.dtype)
     cum = srt.cumsum(dim=-1, dtype=torch.float64)
     total = cum[:, -1:]
     idx = torch.searchsorted(cum, total * p)

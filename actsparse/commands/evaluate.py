@@ -31,7 +31,11 @@ def _floats(value: str) -> tuple[float, ...]:
 def _print(df, columns: list[str], title: str) -> None:
     from actsparse.cli import _table, out
 
-    out.print(_table(df.select([c for c in columns if c in df.columns]).to_dicts(), title=title))
+    from rich.console import Console
+
+    # Piped output gets the whole table rather than rich's 80-column default, which elides these columns.
+    console = out if out.is_terminal else Console(width=240, soft_wrap=True)
+    console.print(_table(df.select([c for c in columns if c in df.columns]).to_dicts(), title=title))
 
 
 def evaluate(

@@ -1,0 +1,52 @@
+"""CLI command ``query``: list and run the named queries of ``queries/*.sql``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from actsparse.commands.sql import FORMAT_HELP, MAX_ROWS_HELP, MEMORY_HELP, OUT_HELP, emit, open_store
+from actsparse.errors import ActsparseError
+
+
+def _params(items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ActsparseError(f"--param takes NAME=VALUE, got {item!r}")
+        params[key.strip()] = value
+    return params
+
+
+def query(
+    name: str = typer.Argument(..., help="a named query, or 'list' to show them all"),
+    store: Optional[str] = typer.Argument(None, help="store path or URL"),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="NAME=VALUE (repeatable)"),
+    format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    memory_limit: str = typer.Option("2GB", help=MEMORY_HELP),
+    threads: Optional[int] = typer.Option(None, help="DuckDB threads [default: CPUs, at most 4]"),
+    max_rows: int = typer.Option(50, help=MAX_ROWS_HELP),
+) -> None:
+    """Run a named query (`actsparse query list` shows each one's purpose and parameters)."""
+    from queries import get, load
+
+    if name == "list":
+        for q in load().values():
+            typer.echo(f"{q.name}\n  {q.purpose}\n  params: {q.signature()}\n  columns: {q.columns}")
+        return
+    q = get(name)
+    params = _params(param or [])
+    if store is None:
+        raise ActsparseError(f"query {q.name} needs a STORE: actsparse query {q.name} STORE --param NAME=VALUE")
+    q.bind(params, resolve_run=lambda ref: ref)  # parameter errors before the store is opened
+    with open_store(store, memory_limit, threads) as st:
+        emit(st.query(q.name, **params), st, format, out, max_rows)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``query`` to the ``actsparse`` app."""
+    app.command("query")(query)

@@ -1,0 +1,189 @@
+"""``make demo``: collect two real models, analyse them open- and closed-loop, and write the HTML report.
+
+    python -m actsparse.demo --store demo-store --out demo-report
+
+Steps, each reusing finished work so that a second run only checks and rebuilds the page:
+
+1. collect SmolLM2-135M and Gemma 3 270M over the ``wiki`` corpus's collect split (``TOKENS`` tokens each,
+   the default sites); a complete run is a no-op, an interrupted one resumes;
+2. open-loop curves of the report's targets (``analyze.report.report_curves``: input, gate, up,
+   intermediate; the paper's 26 top-p values, a coarser grid for input), cached in the store;
+3. a small closed-loop evaluation per model of ``EVAL_TARGETS`` on the held-out split (``EVAL_TOKENS``
+   tokens, ``EVAL_GRID``), stored with the run; stored evaluations are not rerun, interrupted ones resume;
+4. the report (``analyze.report.build_report``), whose path is printed last: ``report: /abs/index.html``.
+
+Errors are one line (``error: ...``, exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from actsparse.errors import ActsparseError
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+CORPUS = "wiki"
+# Sized so that the whole first run stays well under 15 minutes on 2 CPU cores (README "Demo").
+TOKENS = 2048
+SEQ_LEN = 256
+# Closed loop costs a forward pass per grid value (Gemma's 262k-token LM head dominates on CPU), so the
+# demo evaluates the paper's two headline targets (input: the practical one, intermediate: the
+# sparsest) at a few top-p values around small models' critical point, on 8 windows of 128 tokens
+# (the bootstrap resamples whole windows).
+EVAL_TARGETS = ("input", "intermediate")
+EVAL_GRID = (1.0, 0.98, 0.95, 0.9)
+EVAL_TOKENS = 1024
+EVAL_SEQ_LEN = 128
+
+
+def _evaluated(st, run, cfg) -> bool:
+    """Whether an evaluation of ``cfg`` is already stored with ``run`` with every grid value done.
+
+    Matches the identity ``analyze.evaluate`` records in ``evaluate-<id>/config.json``. Any field this
+    check does not know (a newer evaluation identity) makes it answer False, and ``evaluate`` then
+    decides (it resumes and skips finished values itself, only more slowly: it loads the corpus).
+    """
+    import polars as pl
+    import torch
+    import transformers
+
+    from analyze.evaluate import SPLIT
+
+    manifest = run.manifest
+    expected = dict(kind="evaluate", weights_sha256=manifest["model"].get("weights_sha256"),
+                    corpus_sha256=manifest["corpus"].get("sha256"), split=SPLIT, target=cfg.target, rule=cfg.rule,
+                    power=cfg.power, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                    compute_dtype=cfg.compute_dtype, add_bos=True, torch=torch.__version__,
+                    transformers=transformers.__version__)
+    base = Path(st.root) / "runs" / run.run_id / "analysis"
+    for config in sorted(base.glob("evaluate-*/config.json")):
+        try:
+            identity = json.loads(config.read_text())["identity"]
+            known = set(identity) - {"version"}
+            if known != set(expected) or any(identity[k] != v for k, v in expected.items()):
+                continue
+            summary = pl.read_parquet(base / f"{config.parent.name}.parquet", columns=["value"])
+        except (OSError, ValueError, KeyError, TypeError, pl.exceptions.PolarsError):
+            continue
+        if set(cfg.values()) <= set(summary["value"].to_list()):
+            return True
+    return False
+
+
+def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: str = CORPUS, tokens: int = TOKENS,
+             eval_tokens: int = EVAL_TOKENS, seq_len: int = SEQ_LEN, eval_seq_len: int = EVAL_SEQ_LEN,
+             closed_loop: bool = True, console=None) -> Path:
+    """Run the demo's four steps (module docstring) and return the path of the report's ``index.html``.
+
+    Raises:
+        ActsparseError: a model, corpus or store problem (from collection, analysis or evaluation).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from actsparse.commands.report import rich_progress
+    from analyze.evaluate import EvalConfig, evaluate
+    from analyze.report import build_report, curve_groups, report_curves
+    from pipeline.collect import CollectConfig, collect
+    from pipeline.reader import StoreReader
+
+    console = console or Console()
+    say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    console.rule(f"1/4 collect {', '.join(models)} on {corpus} ({tokens:,} tokens each)")
+    run_ids = []
+    for model in models:
+        cfg = CollectConfig(model=model, corpus=corpus, max_tokens=tokens, seq_len=seq_len)
+        run_ids.append(collect(cfg, store, progress=True, log=say).run_id)
+    timings["collect"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    console.rule("2/4 open-loop curves (top-p; input on a coarser grid)")
+    st = StoreReader(str(store))
+    with rich_progress(console) as progress:
+        for rid in run_ids:
+            curves = report_curves(st, rid, progress=progress)
+            say(f"run {rid}: {curves.height} curve rows (cached in the store)")
+    timings["open-loop curves"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if closed_loop:
+        console.rule(f"3/4 closed-loop evaluation of {', '.join(EVAL_TARGETS)} (held-out split, {eval_tokens:,} "
+                     f"tokens, top-p {', '.join(f'{v:g}' for v in EVAL_GRID)})")
+        reused = computed = 0
+        for rid in run_ids:
+            run = st.run(rid)
+            usable = {t for targets, _ in curve_groups(run) for t in targets}
+            for target in [t for t in EVAL_TARGETS if t in usable]:
+                cfg = EvalConfig(target=target, grid=EVAL_GRID, max_tokens=eval_tokens, seq_len=eval_seq_len)
+                if _evaluated(st, run, cfg):
+                    reused += 1
+                    continue
+                say(f"run {rid} ({run.manifest['model'].get('name')}), target {target}:")
+                evaluate(cfg, store, run=rid, log=say)
+                computed += 1
+        say("evaluations: all reused from the store" if not computed else
+            f"evaluations: {computed} run, {reused} reused from the store")
+    else:
+        console.rule("3/4 closed-loop evaluation skipped (--no-eval)")
+    timings["closed-loop evaluation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.rule("4/4 report")
+    path = build_report(st, out, run_ids, log=say)
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    table = Table(title="demo timings")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    for step, seconds in timings.items():
+        table.add_row(step, f"{seconds:.1f}")
+    console.print(table)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m actsparse.demo``); returns the exit status."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    p = argparse.ArgumentParser(prog="python -m actsparse.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", type=Path, required=True, help="store directory (created if missing; work is reused)")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated models [%(default)s]")
+    p.add_argument("--corpus", default=CORPUS, help="corpus [%(default)s]")
+    p.add_argument("--tokens", type=int, default=TOKENS, help="tokens collected per model [%(default)s]")
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="held-out tokens per evaluation [%(default)s]")
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="window length of the collection [%(default)s]")
+    p.add_argument("--eval-seq-len", type=int, default=EVAL_SEQ_LEN,
+                   help="window length of the evaluation [%(default)s]")
+    p.add_argument("--no-eval", action="store_true", help="skip the closed-loop evaluation")
+    args = p.parse_args(argv)
+    console, err = Console(), Console(stderr=True)
+    try:
+        path = run_demo(args.store, args.out, models=[m.strip() for m in args.models.split(",") if m.strip()],
+                        corpus=args.corpus, tokens=args.tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                        eval_seq_len=args.eval_seq_len, closed_loop=not args.no_eval, console=console)
+    except ActsparseError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        return 2
+    except OSError as e:
+        err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}: {escape(str(e.filename or ''))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]; run the same command again to resume")
+        return 130
+    console.print(f"report: {path}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
