@@ -93,7 +93,10 @@ def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: 
     from pipeline.reader import StoreReader
 
     console = console or Console()
-    say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -167,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="window length of the evaluation [%(default)s]")
     p.add_argument("--no-eval", action="store_true", help="skip the closed-loop evaluation")
     args = p.parse_args(argv)
-    console, err = Console(), Console(stderr=True)
+    console, err = Console(), Console(stderr=True, soft_wrap=True)
     try:
         path = run_demo(args.store, args.out, models=[m.strip() for m in args.models.split(",") if m.strip()],
                         corpus=args.corpus, tokens=args.tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,

@@ -25,7 +25,7 @@ error comes from one gather-accumulate of the dropped part in sorted order (abou
 from __future__ import annotations
 
 import math
-import queue
+import os
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -55,6 +55,7 @@ DEFAULT_TOLERANCE = 0.1
 # 100 bins per decade from 1e-6 to 1e2; a quantile is reported as its bin's upper edge (at most 2.3 %
 # above the exact value), or 0 below 1e-6.
 _ERR_BINS = np.logspace(-6, 2, 801)
+WORKERS = 2  # blocks processed concurrently (one torch thread each)
 CALIBRATION_EVERY = 4  # threshold rule: every 4th window calibrates tau, the others are evaluated
 ANALYSIS_VERSION = 1
 
@@ -248,8 +249,9 @@ def _values_for(rule: str, grid: Sequence[float], taus: dict | None, key) -> lis
 
 
 def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: dict, layer: int,
-                  accs: dict, act_fn) -> None:
-    """Accumulate every (rule, value) of one target over one block of tokens."""
+                  emit, act_fn) -> None:
+    """Compute every (rule, value) of one target over one block of tokens; ``emit(key, counts, kept_l1,
+    errs, x_norm)`` receives the per-token results for the accumulators."""
     x_norm = sites["input"].norm(dim=1) if sites.stored("input") else None
     if target in LINEAR:
         rank_site = {"intermediate": "intermediate", "gate": "act", "up": "up"}[target]
@@ -257,24 +259,24 @@ def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: d
         h = sites["intermediate"]
         for rule in cfg.rules:
             power = cfg.power if rule == "top-p" else 1.0
-            sb = S.sort_block(a, power)
+            sb = S.sort_block(a, power, with_order=cfg.with_error)
             grid = cfg.grid(rule)
             counts = S.kept_counts(rule, sb, _values_for(rule, grid, taus, (layer, target)))
             errs = S.linear_target_errors(h, sb, counts, w["down"]) if cfg.with_error else None
-            accs[(layer, target, rule)].add(counts, S.kept_l1(sb, counts), errs, x_norm)
+            emit((layer, target, rule), counts, S.kept_l1(sb, counts), errs, x_norm)
         return
     x = sites["input"]
     if not cfg.with_error and target == "input":
         for rule in cfg.rules:
-            sb = S.sort_block(x, cfg.power if rule == "top-p" else 1.0)
+            sb = S.sort_block(x, cfg.power if rule == "top-p" else 1.0, with_order=False)
             counts = S.kept_counts(rule, sb, _values_for(rule, cfg.grid(rule), taus, (layer, target)))
-            accs[(layer, target, rule)].add(counts, S.kept_l1(sb, counts), None, None)
+            emit((layer, target, rule), counts, S.kept_l1(sb, counts), None, None)
         return
     y = _linear(_ffn(x, w, act_fn), w["down"], None)
     y_norm = y.norm(dim=1)
     for rule in cfg.rules:
         power = cfg.power if rule == "top-p" else 1.0
-        sb = S.sort_block(x, power)
+        sb = S.sort_block(x, power, with_order=False)
         grid = cfg.grid(rule)
         values = _values_for(rule, grid, taus, (layer, target))
         counts = S.kept_counts(rule, sb, values)
@@ -284,7 +286,7 @@ def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: d
             h2 = _ffn(x * mask, w, act_fn)
             if target == "all-inputs":
                 hv = values[j] if rule != "threshold" else taus[(layer, "all-inputs/h")][j]
-                sbh = S.sort_block(h2, power)
+                sbh = S.sort_block(h2, power, with_order=False)
                 hc = S.kept_counts(rule, sbh, [hv])
                 h_counts.append(hc[:, 0])
                 h_l1.append(S.kept_l1(sbh, hc)[:, 0])
@@ -295,9 +297,9 @@ def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: d
             rel.append(torch.where(y_norm > 0, d / y_norm.double().clamp_min(1e-30), torch.zeros_like(d)))
             cos.append(torch.nn.functional.cosine_similarity(y, y2, dim=1).double())
         errs = dict(rel_err=torch.stack(rel, 1), cos=torch.stack(cos, 1), dropped_norm=torch.stack(dn, 1))
-        accs[(layer, target, rule)].add(counts, S.kept_l1(sb, counts), errs, x_norm)
+        emit((layer, target, rule), counts, S.kept_l1(sb, counts), errs, x_norm)
         if target == "all-inputs":
-            accs[(layer, "all-inputs/h", rule)].add(torch.stack(h_counts, 1), torch.stack(h_l1, 1), None, None)
+            emit((layer, "all-inputs/h", rule), torch.stack(h_counts, 1), torch.stack(h_l1, 1), None, None)
 
 
 def _calibrate(run, cfg: CurveConfig, layer: int, calib_rows: np.ndarray, w: dict, act_fn) -> dict:
@@ -322,25 +324,30 @@ def _calibrate(run, cfg: CurveConfig, layer: int, calib_rows: np.ndarray, w: dic
     return taus
 
 
-def _prefetch(items: Iterable, fn, depth: int = 1):
-    """Run ``fn`` on the next item in a thread while the caller works on the current one."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    sentinel = object()
+def _ordered_map(fn, items: Sequence, workers: int):
+    """``fn`` over ``items`` on ``workers`` threads, results in order, at most ``workers + 1`` in flight
+    (bounded memory). numpy sorts and torch kernels release the GIL, so the threads use both cores."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def work():
-        try:
-            for it in items:
-                q.put((it, fn(it), None))
-        except BaseException as e:  # handed to the consumer
-            q.put((None, None, e))
-        q.put(sentinel)
+    with ThreadPoolExecutor(workers) as ex:
+        pending: list = []
+        for it in items:
+            pending.append(ex.submit(fn, it))
+            if len(pending) > workers:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
 
-    threading.Thread(target=work, daemon=True).start()
-    while (got := q.get()) is not sentinel:
-        it, val, err = got
-        if err is not None:
-            raise err
-        yield it, val
+
+class _one_torch_thread:
+    """Run torch single-threaded per worker while the workers themselves use the cores."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
 
 
 def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] = ("intermediate",),
@@ -427,25 +434,39 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         return sites
 
     wcache: dict[int, dict] = {}
+    wlock = threading.Lock()
 
     def weights_of(layer: int) -> dict:
-        if layer not in wcache:
-            wcache.clear()
-            wcache[layer] = run.weights(layer)
-        return wcache[layer]
+        with wlock:
+            if layer not in wcache:
+                if len(wcache) >= 4:  # blocks arrive in layer order: keep the few layers in flight
+                    wcache.pop(min(wcache))
+                wcache[layer] = run.weights(layer)
+            return wcache[layer]
 
     taus: dict = {}
     calib_rows = np.nonzero(calib & include)[0][:2048]  # bounded memory: enough entries for a quantile
-    with torch.inference_mode():
-        for (layer, s, e), sites in _prefetch(blocks, load):
-            if "threshold" in cfg.rules and (layer, cfg.targets[0]) not in taus:
-                taus |= _calibrate(run, cfg, layer, calib_rows, sites.w, act_fn)
-            if sites.keep is not None and len(sites.keep) == 0:
-                continue
-            for target in cfg.targets:
-                _target_block(target, sites, cfg, sites.w, taus, layer, accs, act_fn)
+    if "threshold" in cfg.rules:
+        for layer in layer_ids:
+            taus |= _calibrate(run, cfg, layer, calib_rows, weights_of(layer), act_fn)
+
+    def work(item):
+        layer, s, e = item
+        sites = load(item)
+        out: list = []
+        if sites.keep is None or len(sites.keep):
+            with torch.inference_mode():
+                for target in cfg.targets:
+                    _target_block(target, sites, cfg, sites.w, taus, layer, lambda *a: out.append(a), act_fn)
+        return e - s, out
+
+    workers = max(1, min(WORKERS, os.cpu_count() or 1))
+    with _one_torch_thread():
+        for n, out in _ordered_map(work, blocks, workers):
+            for key, *args in out:
+                accs[key].add(*args)
             if progress is not None:
-                progress(e - s)
+                progress(n)
 
     rows = []
     for (layer, target, rule), acc in accs.items():

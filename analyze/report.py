@@ -222,6 +222,8 @@ class _Figures:
 
     def new(self, n_panels: int = 1, *, width: float = 12.0):
         """A constrained-layout figure with ``n_panels`` axes (1, 1x2 or 2x2 grid)."""
+        # No pyplot: Figure.savefig renders PNG with Agg and SVG with the SVG backend whatever backend
+        # is configured, needs no display, and leaves an interactive session's backend alone.
         from matplotlib.figure import Figure
 
         rows, cols = (1, 1) if n_panels == 1 else (1, 2) if n_panels == 2 else (math.ceil(n_panels / 2), 2)
@@ -333,13 +335,15 @@ def _fig_error(figs: _Figures, data: list[_RunData], tolerance: float) -> None:
         for rd in data:
             m = rd.curves.filter((pl.col("target") == target) & (pl.col("layer") == -1)).sort("sparsity_mean")
             if m.height:
-                ax.plot(m["sparsity_mean"] * 100, m["rel_err_mean"] * 100, marker="o", ms=3, lw=1.5,
-                        color=rd.color, label=rd.label)
+                err = (m["rel_err_mean"] * 100).to_numpy()
+                err = np.where(err >= MIN_ERROR_PCT, err, np.nan)  # not drawn: see the caption
+                ax.plot(m["sparsity_mean"] * 100, err, marker="o", ms=3, lw=1.5, color=rd.color, label=rd.label)
         ax.axhline(tolerance * 100, color="gray", ls=":", lw=1.5, label=f"tolerance {tolerance:.0%}")
         ax.set_yscale("log", nonpositive="mask")
         # p = 1 drops only entries too small to matter; errors of 1e-8 % would squash the useful range
         ax.set_ylim(bottom=max(ax.get_ylim()[0], MIN_ERROR_PCT))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
         ax.set(title=f"target: {target}", xlabel="model-level sparsity (% of entries dropped)",
                ylabel="mean relative FFN-output error (%)", xlim=(0, 100))
         ax.grid(alpha=0.3, which="both")
@@ -349,7 +353,15 @@ def _fig_error(figs: _Figures, data: list[_RunData], tolerance: float) -> None:
               "Mean over tokens and layers of ||y - y_sparse|| / ||y||, the relative error of each layer's FFN "
               "output when only that layer's target is sparsified (open-loop, stored dense inputs), against "
               f"model-level sparsity; one line per model, one point per top-p value. Errors below "
-              f"{MIN_ERROR_PCT:g} % (zero at p = 1 for most targets) lie below the log-scale axis.")
+              f"{MIN_ERROR_PCT:g} % (at p = 1 the error is zero or nearly) are not drawn.")
+
+
+def _minor_log_label(v: float, _pos) -> str:
+    """Label the 2x and 5x minor ticks of a log axis (spans under a decade would have no label)."""
+    if v <= 0:
+        return ""
+    mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
+    return f"{v:g}" if mantissa in (2.0, 5.0) else ""
 
 
 def _fig_critical(figs: _Figures, data: list[_RunData], open_crit, tolerance: float) -> None:
@@ -566,6 +578,8 @@ def _position_from_arrays(rd: _RunData, site: str, bin_width: int, tokens):
 
 
 def _fig_position(figs: _Figures, st, rd: _RunData, tokens) -> None:
+    from matplotlib.lines import Line2D
+
     run = rd.run
     site = _position_site(run)
     seq_len = int(run.manifest["config"].get("seq_len") or (int(tokens["position"].max()) + 1))
@@ -581,8 +595,6 @@ def _fig_position(figs: _Figures, st, rd: _RunData, tokens) -> None:
             stacked.setdefault(bi, []).append(si)
     xs = np.array(sorted(stacked))
     ax.plot((xs + 0.5) * bin_width, [np.mean(stacked[x]) * 100 for x in xs], color="black", lw=2.2)
-    from matplotlib.lines import Line2D
-
     ax.legend(handles=[_layer_handle(run.n_layers), Line2D([], [], color="black", lw=2.2, label="mean over layers")],
               loc="best", fontsize=8)
     ax.set(xlabel=f"position in the window (tokens, bins of {bin_width})",
@@ -716,7 +728,10 @@ def _page(store_url: str, data: list[_RunData], figs: list[_Figure], open_crit, 
         '<p class="note">No closed-loop evaluation is stored with these runs, so this report shows open-loop '
         "results only. Add one with <code>actsparse evaluate --store STORE --run RUN_ID --target intermediate"
         "</code> and rebuild the report.</p>")
-    per_run = lambda prefix: "".join(fig(f"{prefix}-{rd.run.run_id}") for rd in data)  # noqa: E731
+
+    def per_run(prefix: str) -> str:
+        return "".join(fig(f"{prefix}-{rd.run.run_id}") for rd in data)
+
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -767,8 +782,6 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
 
     from analyze.curves import DEFAULT_TOLERANCE, critical_sparsity
 
-    # Agg needs no display; a pyplot-free Figure API also leaves any interactive backend alone.
-    matplotlib.use("Agg", force=False)
     st = _reader(store)
     ids = list(dict.fromkeys(st.run(r).run_id for r in runs)) if runs else st.run_ids()
     if not ids:

@@ -19,6 +19,7 @@ Rows are ordered by layer, then token, so a filter on one layer reads few row gr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -58,29 +59,6 @@ def part_path(run_dir: Path, site: str, k: int) -> Path:
 # ---------------------------------------------------------------- statistics
 
 
-def _sorted_magnitudes(a) -> np.ndarray:
-    """|a| per token sorted descending: float32 [T, W] (float64 for float64 input).
-
-    16-bit floats (bfloat16, float16) are sorted by the integer bit pattern of |a| (``bits & 0x7FFF``),
-    which orders non-negative floats exactly like their values; numpy sorts 16-bit integers by radix
-    sort, ~15x faster than torch's float sort on CPU. Widening to float32 afterwards is exact, so the
-    values equal those of ``analyze.sweep.sort_block``. NaN comes first (highest bit patterns; numpy
-    sorts NaN last, then the rows are reversed).
-    """
-    import torch
-
-    if a.dtype in (torch.bfloat16, torch.float16):
-        bits = a.contiguous().view(torch.int16).numpy().view(np.uint16) & np.uint16(0x7FFF)
-        srt = np.sort(bits, axis=1, kind="stable")[:, ::-1]
-        if a.dtype == torch.bfloat16:
-            values = srt.astype(np.uint32)
-            values <<= 16
-            return values.view(np.float32)
-        return srt.view(np.float16).astype(np.float32)
-    mag = np.abs(a.detach().to(torch.float64 if a.dtype == torch.float64 else torch.float32).numpy())
-    return np.ascontiguousarray(np.sort(mag, axis=1)[:, ::-1])
-
-
 def token_stats(block) -> dict[str, np.ndarray]:
     """Per-token statistics of one block of activations, from one sort per token.
 
@@ -100,21 +78,20 @@ def token_stats(block) -> dict[str, np.ndarray]:
     import torch
 
     from analyze.rules import check_block
-    from analyze.sweep import SortedBlock, kept_counts, topp_kept_counts
+    from analyze.sweep import kept_counts, sort_block, topp_kept_counts
 
     check_block(block, ndim=2)
-    values = _sorted_magnitudes(block)
-    bad = np.isnan(values[:, 0])
+    bad = torch.isnan(block).any(dim=1).numpy()
     if bad.any():
-        values[bad] = 0.0  # computed as zeros, reported as NaN below
-    # The float64 running sum in descending order is the top-p rule's own (authors' get_topp_mask).
-    cum = np.cumsum(values, axis=1, dtype=np.float64)
-    # The count functions read only values, cum and total; the per-entry order (an argsort plus a
-    # gather, which would nearly double the time) is left out: no statistic depends on which entry is which.
-    sb = SortedBlock(values=torch.from_numpy(values), order=None, cum=torch.from_numpy(cum),
-                     total=torch.from_numpy(cum[:, -1]))
+        block = torch.where(torch.isnan(block), 0.0, block)  # computed as zeros, reported as NaN below
+    # No statistic depends on which entry is which, so the sort skips the permutation.
+    sb = sort_block(block, with_order=False)
+    # Widened to float32 (exact): the absolute thresholds must be compared in float32, where
+    # |a| < float32(t) holds exactly when |a| < t as reals; top-p thresholds are unchanged by widening.
+    sb = dataclasses.replace(sb, values=sb.values.float())
+    values = sb.values.numpy()
     width = values.shape[1]
-    l1 = cum[:, -1]
+    l1 = sb.total.numpy()
     max_abs = values[:, 0].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         top1 = max_abs / l1

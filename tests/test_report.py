@@ -249,7 +249,8 @@ def test_report_two_runs_with_closed_loop(tiny_store, tiny_llama, text_corpus, t
     page = check_files(index, expected_stems([run_id, second], closed=True))
     assert "closed-loop" in page and "not evaluated" in page  # intermediate evaluated, the other targets not
     assert re.search(r"\d+\.\d % \[\d+\.\d %, \d+\.\d %\]", page)  # closed-loop critical sparsity with its CI
-    assert f"tiny / {text_corpus.name} ({run_id[:8]})" in page and f"tiny / {text_corpus.name} ({second[:8]})" in page
+    for rid in (run_id, second):  # same model and corpus: labels carry the run id
+        assert f"{tiny_llama.name} / {text_corpus.name} ({rid[:8]})" in page
     assert "a sample of" in page  # position profile computed from the arrays
     check_in_browser(chromium, index, tmp_path / "profile")
 
@@ -264,6 +265,7 @@ def test_report_errors_are_one_line(tiny_store, tmp_path):
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_demo_driver_reuses_finished_work(tiny_llama, text_corpus, tmp_path):
     """``make demo``'s driver end to end on a tiny model; the second run computes nothing."""
     args = [sys.executable, "-m", "actsparse.demo", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r"),
@@ -278,6 +280,19 @@ def test_demo_driver_reuses_finished_work(tiny_llama, text_corpus, tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "already complete" in second.stdout and "evaluations: all reused" in second.stdout, second.stdout
     assert f"report: {index}" in second.stdout
-    bad = subprocess.run([*args[:5], str(tmp_path / "r2"), "--models", str(tmp_path / "no-such-model")],
+    bad = subprocess.run([*args[:6], str(tmp_path / "r2"), "--models", str(tmp_path / "no-such-model")],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("error: unknown model") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_browser_check_catches_broken_pages(tmp_path, chromium):
+    """The browser check is not vacuous: a missing image and a console error both fail it."""
+    missing = tmp_path / "missing.html"
+    missing.write_text('<!DOCTYPE html><html><body><img src="nothing.png"></body></html>')
+    with pytest.raises(AssertionError, match="nothing.png"):
+        check_in_browser(chromium, missing, tmp_path / "p1")
+    noisy = tmp_path / "noisy.html"
+    noisy.write_text("<!DOCTYPE html><html><body><script>console.error('boom')</script></body></html>")
+    with pytest.raises(AssertionError, match="boom"):
+        check_in_browser(chromium, noisy, tmp_path / "p2")

@@ -24,14 +24,20 @@ def rich_progress(console, enabled: bool = True) -> Iterator:
     from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console) as bars:
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
 
-        def factory(description: str, total: int):
-            task = bars.add_task(description, total=total)
-            return lambda n: bars.update(task, advance=n)
+    def factory(description: str, total: int):
+        if not bars.tasks:
+            bars.start()  # only now: an idle display would still print an empty line when stopped
+        task = bars.add_task(description, total=total)
+        return lambda n: bars.update(task, advance=n)
 
+    try:
         yield factory
+    finally:
+        if bars.tasks:
+            bars.stop()
 
 
 def report(
