@@ -77,6 +77,7 @@ def _evaluated(st, run, cfg) -> bool:
 
 def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: str = CORPUS, tokens: int = TOKENS,
              eval_tokens: int = EVAL_TOKENS, seq_len: int = SEQ_LEN, eval_seq_len: int = EVAL_SEQ_LEN,
+             eval_targets: Sequence[str] = EVAL_TARGETS, eval_grid: Sequence[float] = EVAL_GRID,
              closed_loop: bool = True, console=None) -> Path:
     """Run the demo's four steps (module docstring) and return the path of the report's ``index.html``.
 
@@ -118,14 +119,14 @@ def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: 
 
     t = time.perf_counter()
     if closed_loop:
-        console.rule(f"3/4 closed-loop evaluation of {', '.join(EVAL_TARGETS)} (held-out split, {eval_tokens:,} "
-                     f"tokens, top-p {', '.join(f'{v:g}' for v in EVAL_GRID)})")
+        console.rule(f"3/4 closed-loop evaluation of {', '.join(eval_targets)} (held-out split, {eval_tokens:,} "
+                     f"tokens, top-p {', '.join(f'{v:g}' for v in eval_grid)})")
         reused = computed = 0
         for rid in run_ids:
             run = st.run(rid)
             usable = {t for targets, _ in curve_groups(run) for t in targets}
-            for target in [t for t in EVAL_TARGETS if t in usable]:
-                cfg = EvalConfig(target=target, grid=EVAL_GRID, max_tokens=eval_tokens, seq_len=eval_seq_len)
+            for target in [t for t in eval_targets if t in usable]:
+                cfg = EvalConfig(target=target, grid=tuple(eval_grid), max_tokens=eval_tokens, seq_len=eval_seq_len)
                 if _evaluated(st, run, cfg):
                     reused += 1
                     continue
@@ -153,6 +154,17 @@ def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: 
     return path
 
 
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _grid(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in _names(value))
+    except ValueError:
+        raise ActsparseError(f"--eval-grid must be comma-separated numbers, got '{value}'") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``python -m actsparse.demo``); returns the exit status."""
     from rich.console import Console
@@ -168,13 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="window length of the collection [%(default)s]")
     p.add_argument("--eval-seq-len", type=int, default=EVAL_SEQ_LEN,
                    help="window length of the evaluation [%(default)s]")
+    p.add_argument("--eval-targets", default=",".join(EVAL_TARGETS),
+                   help="comma-separated targets evaluated closed-loop [%(default)s]")
+    p.add_argument("--eval-grid", default=",".join(f"{v:g}" for v in EVAL_GRID),
+                   help="comma-separated top-p values of the closed-loop evaluation [%(default)s]")
     p.add_argument("--no-eval", action="store_true", help="skip the closed-loop evaluation")
     args = p.parse_args(argv)
     console, err = Console(), Console(stderr=True, soft_wrap=True)
     try:
         path = run_demo(args.store, args.out, models=[m.strip() for m in args.models.split(",") if m.strip()],
                         corpus=args.corpus, tokens=args.tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
-                        eval_seq_len=args.eval_seq_len, closed_loop=not args.no_eval, console=console)
+                        eval_seq_len=args.eval_seq_len, eval_targets=_names(args.eval_targets),
+                        eval_grid=_grid(args.eval_grid), closed_loop=not args.no_eval, console=console)
     except ActsparseError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return 2

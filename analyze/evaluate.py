@@ -463,10 +463,9 @@ def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None =
             model, non-finite logits, or another process evaluating the same config.
     """
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.corpora import iter_windows, open_corpus
-    from pipeline.models import resolve_model
+    from pipeline.models import load_tokenizer, resolve_model
 
     cfg.validate()
     manifest = None
@@ -480,14 +479,7 @@ def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None =
         raise ActsparseError("evaluate needs --model and --corpus (or --run with --store to use the run's)")
 
     resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
-        mcfg = AutoConfig.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ActsparseError(f"cannot load tokenizer/config of {cfg.model}: {str(e).splitlines()[0]}") from e
-    ctx = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
-    if ctx is not None and cfg.seq_len > ctx:
-        raise ActsparseError(f"--seq-len {cfg.seq_len} exceeds the context of {cfg.model} ({ctx} tokens)")
+    tok, _ = load_tokenizer(resolved, seq_len=cfg.seq_len)
     corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
     run_id = None
     if manifest is not None:

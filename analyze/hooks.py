@@ -20,10 +20,11 @@ Entries the rule drops are replaced by zeros (the authors' harness uses ``torch.
 sparsity is counted per token and hook as the number of zeroed entries over the width (zeros in the
 activation count as sparse), summed over the positions a caller marks valid (paper.md §1.4).
 
-Top-p on the CPU does not use ``torch.sort``, which costs several times the FFN matmuls it is meant
-to save (about 210 ms for a [2048, 1536] float32 block on 2 cores, against 65 ms for one of the
-FFN's [2048, 576] x [576, 1536] matmuls). :func:`topp_mask_fast` sorts the magnitudes' bit patterns
-with numpy's SIMD integer sort instead and is bit-identical to ``analyze.rules.topp_mask``.
+Top-p on the CPU does not use ``torch.sort``: on SmolLM2-135M's intermediate ([2048, 1536] float32,
+one core) ``analyze.rules.topp_mask`` takes about 200 ms, more than the FFN's three matmuls for those
+tokens. :func:`topp_mask_fast` sorts the magnitudes' bit patterns with numpy's SIMD integer sort
+instead (about 30 ms, of which the sort is two thirds) and is bit-identical to ``topp_mask``
+(``make bench-evaluate`` prints both).
 """
 
 from __future__ import annotations
@@ -55,23 +56,54 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-def _sort_rows_descending(bits: np.ndarray) -> np.ndarray:
-    """Descending sort of every row of a 2-D integer array, rows split over torch's thread count.
+def _sort_rows(bits: np.ndarray) -> np.ndarray:
+    """The bitwise complements of every row of a 2-D integer array, sorted ascending in place.
 
-    Sorts the bitwise complement ascending (``~x`` reverses integer order), so no reversed copy is
-    needed. numpy's sort releases the GIL, so threads scale it; results do not depend on the split.
+    ``~x`` reverses integer order, so inverting the result gives each row sorted descending and
+    the result itself serves ``searchsorted`` (which needs ascending rows). Rows are split over
+    torch's thread count; numpy's sort releases the GIL, and the result does not depend on the split.
     """
     global _pool, _pool_size
-    out = np.invert(bits)
+    comp = np.invert(bits)
     n_threads = min(torch.get_num_threads(), os.cpu_count() or 1, len(bits) // _PARALLEL_ROWS)
     if n_threads <= 1:
-        out.sort(axis=-1)
+        comp.sort(axis=-1)
     else:
         if _pool is None or _pool_size < n_threads:
             _pool, _pool_size = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="actsparse-sort"), n_threads
         parts = np.array_split(np.arange(len(bits)), n_threads)
-        list(_pool.map(lambda idx: out[idx[0]:idx[-1] + 1].sort(axis=-1), parts))
-    return np.invert(out, out=out)
+        list(_pool.map(lambda idx: comp[idx[0]:idx[-1] + 1].sort(axis=-1), parts))
+    return comp
+
+
+def _topp_keep_count(a: torch.Tensor, p: float, power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p keep mask (bool, a's shape) and kept entries per token (int64, a's shape without width).
+
+    The kept count comes from a binary search in the sorted row instead of a pass over the mask.
+    See :func:`topp_mask_fast` for the numerics; a must be a CPU tensor of a dtype in ``_INT_VIEW``.
+    """
+    a = a.detach()
+    s = magnitude(a, power)
+    width = s.shape[-1]
+    rows = s.reshape(-1, width)
+    int_dtype = _INT_VIEW[s.dtype]
+    comp = torch.from_numpy(_sort_rows(rows.view(int_dtype).numpy()))  # ~bits, ascending
+    srt = torch.bitwise_not(comp).view(s.dtype)  # |a| descending
+    cum = srt.cumsum(dim=-1, dtype=torch.float64)
+    total = cum[:, -1:]
+    idx = torch.searchsorted(cum, total * p)
+    bad = ~torch.isfinite(total[:, 0])
+    any_bad = bool(bad.any())
+    if any_bad:
+        idx = torch.where(bad[:, None], torch.zeros_like(idx), idx)  # any in-range index; rows redone below
+    thr = srt.gather(-1, idx)
+    keep = rows >= thr
+    # s >= thr  <=>  ~bits(s) <= ~bits(thr): count the sorted complements up to ~bits(thr).
+    kept = torch.searchsorted(comp, torch.bitwise_not(thr.view(int_dtype)), right=True)[:, 0]
+    if any_bad:
+        keep[bad] = topp_mask(a.reshape(-1, width)[bad], p, power)
+        kept[bad] = keep[bad].sum(dim=-1)
+    return keep.reshape(s.shape), kept.reshape(s.shape[:-1])
 
 
 def topp_mask_fast(a: torch.Tensor, p: float, power: float = 1.0) -> torch.Tensor:
@@ -90,36 +122,21 @@ def topp_mask_fast(a: torch.Tensor, p: float, power: float = 1.0) -> torch.Tenso
     Rows whose total is not finite (NaN or inf entries) are recomputed by ``topp_mask``, whose
     fallbacks define them. Tensors off the CPU go to ``topp_mask`` directly (GPU sorts are fast).
     """
-    check_block(a)
-    check_rule_value("top-p", p, power)
-    if a.device.type != "cpu" or a.dtype not in _INT_VIEW:
-        return topp_mask(a, p, power)
-    a = a.detach()
-    s = magnitude(a, power)
-    width = s.shape[-1]
-    rows = s.reshape(-1, width)
-    srt = torch.from_numpy(_sort_rows_descending(rows.view(_INT_VIEW[s.dtype]).numpy())).view(s.dtype)
-    cum = srt.cumsum(dim=-1, dtype=torch.float64)
-    total = cum[:, -1:]
-    idx = torch.searchsorted(cum, total * p)
-    bad = ~torch.isfinite(total[:, 0])
-    any_bad = bool(bad.any())
-    if any_bad:
-        idx = torch.where(bad[:, None], torch.zeros_like(idx), idx)  # any in-range index; rows redone below
-    keep = rows >= srt.gather(-1, idx)
-    if any_bad:
-        keep[bad] = topp_mask(a.reshape(-1, width)[bad], p, power)
-    return keep.reshape(s.shape)
+    return keep_and_count("top-p", a, p, power)[0]
 
 
-def keep_mask(rule: str, a: torch.Tensor, value: float, power: float = 1.0) -> torch.Tensor:
-    """Keep mask of ``rule`` at ``value`` for a block a [..., width]; bool of a's shape.
+def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep mask of ``rule`` at ``value`` and the kept entries per token, for a block a [..., width].
 
-    Identical to ``analyze.rules.rule_mask`` (top-p through :func:`topp_mask_fast`).
+    Returns bool of a's shape (identical to ``analyze.rules.rule_mask``; top-p as
+    :func:`topp_mask_fast`) and int64 of a's shape without the width.
     """
-    if rule == "top-p":
-        return topp_mask_fast(a, value, power)
-    return rule_mask(rule, a, value, power=power)
+    check_block(a)
+    check_rule_value(rule, value, power)
+    if rule == "top-p" and a.device.type == "cpu" and a.dtype in _INT_VIEW:
+        return _topp_keep_count(a, value, power)
+    keep = rule_mask(rule, a, value, power=power)
+    return keep, keep.sum(dim=-1)
 
 
 def check_closed_loop(target: str, rule: str, values, power: float = 1.0) -> None:
@@ -185,10 +202,10 @@ class Sparsifier:
         self._x_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _apply(self, k: int, t: torch.Tensor) -> torch.Tensor:
-        keep = keep_mask(self.rule, t, self.value, self.power)
+        keep, kept = keep_and_count(self.rule, t, self.value, self.power)
         self._fired[k] += 1
         if self._valid is not None:
-            sparse = t.shape[-1] - keep.sum(dim=-1)
+            sparse = t.shape[-1] - kept
             # OPT-style FFNs see tokens flattened to [batch * seq, width].
             valid = self._valid.reshape(sparse.shape)
             self._counts[k] = (sparse * valid).reshape(self._valid.shape[0], -1).sum(dim=-1)

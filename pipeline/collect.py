@@ -28,7 +28,7 @@ from actsparse.errors import ActsparseError
 from actsparse.share import write_checksums
 from pipeline import store as fmt
 from pipeline.corpora import Window, iter_windows, open_corpus
-from pipeline.models import ResolvedModel, load_model, resolve_model
+from pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from pipeline.sites import SITES, FFNArchitecture, SiteRecorder, ffn_weights, resolve_ffn
 
 DEFAULT_SITES = ("input", "gate", "intermediate")
@@ -256,18 +256,9 @@ def plan(cfg: CollectConfig, *, progress: bool = False):
 
     Returns ``(resolved, tokenizer, corpus, windows, run_id, identity)``.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     cfg.validate()
     resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
-        mcfg = AutoConfig.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ActsparseError(f"cannot load tokenizer/config of {cfg.model}: {str(e).splitlines()[0]}") from e
-    ctx = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
-    if ctx is not None and cfg.seq_len > ctx:
-        raise ActsparseError(f"--seq-len {cfg.seq_len} exceeds the context of {cfg.model} ({ctx} tokens)")
+    tok, mcfg = load_tokenizer(resolved, seq_len=cfg.seq_len)
     corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
     windows = list(iter_windows(corpus.split(cfg.split), tok, cfg.seq_len, max_tokens=cfg.max_tokens, add_bos=cfg.add_bos))
     if not windows:

@@ -215,6 +215,27 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ResolvedMode
     raise ActsparseError(f"unknown model '{spec}': not a built-in alias ({', '.join(ALIASES)}) nor an existing path")
 
 
+def load_tokenizer(resolved: ResolvedModel, *, seq_len: int | None = None):
+    """``(tokenizer, config)`` of a resolved model, without loading its weights.
+
+    Raises:
+        ActsparseError: the tokenizer or config cannot be loaded, or ``seq_len`` exceeds the model's
+            context (``max_position_embeddings`` / ``n_positions``).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    kw = dict(trust_remote_code=resolved.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, **kw)
+        mcfg = AutoConfig.from_pretrained(resolved.path, **kw)
+    except (OSError, ValueError) as e:
+        raise ActsparseError(f"cannot load tokenizer/config of {resolved.spec}: {str(e).splitlines()[0]}") from e
+    ctx = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
+    if seq_len is not None and ctx is not None and seq_len > ctx:
+        raise ActsparseError(f"--seq-len {seq_len} exceeds the context of {resolved.spec} ({ctx} tokens)")
+    return tok, mcfg
+
+
 def load_model(resolved: ResolvedModel, dtype: str = "float32"):
     """Load ``(model, tokenizer)`` in eval mode on the CPU.
 

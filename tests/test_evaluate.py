@@ -22,7 +22,7 @@ from actsparse.errors import ActsparseError
 from analyze import rules
 from analyze.evaluate import (EvalConfig, _LMHead, _make_batch, critical_crossing, evaluate, proxy_check, spearman,
                               stored_evaluations, summarize)
-from analyze.hooks import TARGETS, Sparsifier, hook_points, topp_mask_fast
+from analyze.hooks import TARGETS, Sparsifier, hook_points, keep_and_count, topp_mask_fast
 from conftest import build_tiny, run_cli
 from pipeline.collect import CollectConfig, collect
 from pipeline.corpora import iter_windows, open_corpus
@@ -60,7 +60,9 @@ def test_fast_topp_is_bit_identical(dtype, power):
     for tokens, width, seed in ((7, 1, 0), (9, 24, 1), (600, 96, 2)):  # 600 rows: the threaded sort
         a = block(max(tokens, 7), width, dtype, seed) if width > 4 else torch.rand(tokens, width).to(dtype)
         for p in grid:
-            assert torch.equal(topp_mask_fast(a, p, power), rules.topp_mask(a, p, power)), (tokens, width, p)
+            ref = rules.topp_mask(a, p, power)
+            keep, kept = keep_and_count("top-p", a, p, power)
+            assert torch.equal(keep, ref) and torch.equal(kept, ref.sum(-1)), (tokens, width, p)
     # leading dimensions [batch, seq, width], as in a forward pass
     a = block(24, 40, dtype, 3).reshape(2, 12, 40)
     assert torch.equal(topp_mask_fast(a, 0.9, power), rules.topp_mask(a, 0.9, power))
@@ -72,7 +74,9 @@ def test_fast_topp_non_finite_rows_follow_the_reference():
     a[2, 5] = math.nan
     a[3, :] = -math.inf
     for p in (0.0, 0.5, 1.0):
-        assert torch.equal(topp_mask_fast(a, p), rules.topp_mask(a, p))
+        ref = rules.topp_mask(a, p)
+        keep, kept = keep_and_count("top-p", a, p)
+        assert torch.equal(topp_mask_fast(a, p), ref) and torch.equal(keep, ref) and torch.equal(kept, ref.sum(-1))
 
 
 # ----------------------------------------------------------------------------- hooks in a model

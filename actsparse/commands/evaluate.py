@@ -39,11 +39,11 @@ def _print(df, columns: list[str], title: str) -> None:
 
 
 def evaluate(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="alias, HF id or checkpoint dir [default: the run's]"),
-    corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="corpus whose held-out split is used [default: the run's]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="alias, HF id or checkpoint dir (default: the run's)"),
+    corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="corpus whose held-out split is used (default: the run's)"),
     target: str = typer.Option("intermediate", help="comma-separated: input, gate, up, intermediate, all-inputs"),
     rule: str = typer.Option("top-p", help="top-p | top-k | max-p"),
-    grid: Optional[str] = typer.Option(None, help="comma-separated rule values [default: 1.0,0.99,...,0.5 (12 top-p values)]"),
+    grid: Optional[str] = typer.Option(None, help="comma-separated rule values (default: 1.0,0.99,0.98,0.97,0.95,0.92,0.9,0.85,0.8,0.7,0.6,0.5)"),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="store to write results into (resumable); none: print only"),
     run: Optional[str] = typer.Option(None, "--run", "-r", help="attach results to this run (same model and corpus) and print the proxy check"),
     max_tokens: int = typer.Option(4096, help="held-out tokens to use, BOS included"),
@@ -54,8 +54,8 @@ def evaluate(
     text_field: Optional[str] = typer.Option(None, help="jsonl field / parquet column with the text"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint"),
     boot: int = typer.Option(200, help="bootstrap resamples of windows for the intervals"),
-    tolerance: Optional[float] = typer.Option(None, help="offline error bound for the proxy check [default: analyze.curves']"),
-    threads: Optional[int] = typer.Option(None, help="torch threads [default: all cores]"),
+    tolerance: Optional[float] = typer.Option(None, help="offline error bound for the proxy check (default: analyze.curves')"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Re-run a model with a sparsification rule in every FFN layer; closed-loop metrics and critical sparsity."""
@@ -78,7 +78,8 @@ def evaluate(
         cfg.validate()
     results = []
     for cfg in configs:
-        res = run_evaluate(cfg, store, run, n_boot=boot, log=(lambda m: None) if quiet else out.print)
+        res = run_evaluate(cfg, store, run, n_boot=boot,
+                           log=(lambda m: None) if quiet else (lambda m: out.print(m, markup=False, highlight=False)))
         _print(res.summary, SUMMARY_COLUMNS, f"closed loop: {cfg.target}, {cfg.rule} (eval {res.eval_id}, "
                                              f"{res.summary['n_tokens'][0]} tokens)")
         results.append(res)
@@ -95,10 +96,10 @@ def evaluate(
 
 def proxy(
     store: str = typer.Argument(..., help="store path or URL"),
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="run id or prefix [default: the only run]"),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="run id or prefix (default: the only run)"),
     target: Optional[str] = typer.Option(None, help="only evaluations of this target"),
     rule: Optional[str] = typer.Option(None, help="only evaluations of this rule"),
-    tolerance: Optional[float] = typer.Option(None, help="offline error bound [default: analyze.curves']"),
+    tolerance: Optional[float] = typer.Option(None, help="offline error bound (default: analyze.curves')"),
 ) -> None:
     """Compare offline (open-loop) critical sparsity with the stored closed-loop evaluations of a run."""
     from analyze.evaluate import proxy_check
