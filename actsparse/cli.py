@@ -79,8 +79,8 @@ def collect(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="alias (see `models list`), HF id or checkpoint dir"),
     corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="wiki | shakespeare | path to .txt/.jsonl/.parquet"),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="store directory (created if missing)"),
-    sites: Optional[str] = typer.Option(None, help="comma-separated FFN sites [default: input,gate,intermediate]"),
-    max_tokens: Optional[int] = typer.Option(None, help="stop after this many tokens [default: whole split]"),
+    sites: Optional[str] = typer.Option(None, help="comma-separated FFN sites (default: input,gate,intermediate)"),
+    max_tokens: Optional[int] = typer.Option(None, help="stop after this many tokens (default: whole split)"),
     seq_len: int = typer.Option(256, help="window length in tokens, BOS included"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
     dtype: str = typer.Option("bfloat16", help="stored dtype: bfloat16 | float16 | float32"),
@@ -91,7 +91,7 @@ def collect(
     no_bos: bool = typer.Option(False, "--no-bos", help="do not start windows with BOS"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with a list of jobs (see README)"),
-    threads: Optional[int] = typer.Option(None, help="torch threads [default: all cores]"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Run models over a corpus and stream FFN activations into a store (resumable)."""

@@ -24,10 +24,10 @@ def _names(value: str) -> tuple[str, ...]:
 
 def curves(
     store: str = typer.Argument(..., help="store path or URL"),
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="run id or prefix [default: the only run]"),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="run id or prefix (default: the only run)"),
     target: str = typer.Option("intermediate", help="comma-separated: input, gate, up, intermediate, all-inputs"),
     rule: str = typer.Option("top-p", help="comma-separated: top-p, top-k, max-p, threshold"),
-    grid: Optional[str] = typer.Option(None, help="comma-separated values [default: the paper's 26 top-p values]"),
+    grid: Optional[str] = typer.Option(None, help="comma-separated values (default: the paper's 26 top-p values)"),
     power: float = typer.Option(1.0, help="top-p power q >= 1 (rule applied to |a|^q)"),
     include_special: bool = typer.Option(False, help="count BOS/special tokens (excluded by default)"),
     tolerance: float = typer.Option(None, help="relative FFN-output error bound for offline critical sparsity"),

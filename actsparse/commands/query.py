@@ -28,7 +28,7 @@ def query(
     format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     memory_limit: str = typer.Option("2GB", help=MEMORY_HELP),
-    threads: Optional[int] = typer.Option(None, help="DuckDB threads [default: CPUs, at most 4]"),
+    threads: Optional[int] = typer.Option(None, help="DuckDB threads (default: CPUs, at most 4)"),
     max_rows: int = typer.Option(50, help=MAX_ROWS_HELP),
 ) -> None:
     """Run a named query (`actsparse query list` shows each one's purpose and parameters)."""

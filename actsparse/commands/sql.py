@@ -92,7 +92,7 @@ def sql(
     format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     memory_limit: str = typer.Option("2GB", help=MEMORY_HELP),
-    threads: Optional[int] = typer.Option(None, help="DuckDB threads [default: CPUs, at most 4]"),
+    threads: Optional[int] = typer.Option(None, help="DuckDB threads (default: CPUs, at most 4)"),
     max_rows: int = typer.Option(50, help=MAX_ROWS_HELP),
 ) -> None:
     """Run one read-only SQL query (DuckDB) over every complete run of a store."""
