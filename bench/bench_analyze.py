@@ -103,7 +103,7 @@ def main() -> None:
     from analyze.rules import DEFAULT_TOPP_GRID
     from pipeline.reader import StoreReader
 
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+    with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
         small, large = f"{tmp}/small", f"{tmp}/large"
         make_store(small, a.tokens)
         run = StoreReader(small).run()

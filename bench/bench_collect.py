@@ -33,18 +33,19 @@ def forward_only(tokens: int, seq_len: int, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def collect_child(store: str, tokens: int, seq_len: int, batch_size: int) -> None:
+def collect_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> None:
     from pipeline.collect import CollectConfig, collect
 
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size)
-    res = collect(cfg, store, progress=False, log=lambda m: None)
+    res = collect(cfg, store, progress=False, log=lambda m: None, on_shard=None if stats else (lambda *a: None))
     print(json.dumps(res.manifest["stats"] | dict(n_tokens=res.n_tokens, arrays=res.manifest["arrays"])))
 
 
-def run_child(store: str, tokens: int, seq_len: int, batch_size: int) -> tuple[dict, float]:
+def run_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> tuple[dict, float]:
     """Collect in a fresh process; return its stats and its peak RSS in MiB."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, __file__, "--child", store, str(tokens), str(seq_len), str(batch_size)],
+    out = subprocess.run([sys.executable, __file__, "--child", store, str(tokens), str(seq_len), str(batch_size),
+                          str(stats)],
                          check=True, capture_output=True, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is the max over all children so far: measure the smaller run first.
@@ -58,22 +59,25 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--child", nargs=4)
+    ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
     if a.child:
         collect_child(a.child[0], *map(int, a.child[1:]))
         return
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+    with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
         stats, rss_small = run_child(f"{tmp}/s4k", a.tokens, a.seq_len, a.batch_size)
         fwd = forward_only(a.tokens, a.seq_len, a.batch_size)
         values = sum(spec["shape"][0] * spec["shape"][1] * spec["shape"][2] for spec in stats["arrays"].values())
         act_bytes = sum(p.stat().st_size for p in Path(tmp, "s4k").glob("runs/*/activations.zarr/**/*") if p.is_file())
+        nostats, _ = run_child(f"{tmp}/s4k-nostats", a.tokens, a.seq_len, a.batch_size, stats=0)
         stats_big, rss_big = run_child(f"{tmp}/s32k", a.large, a.seq_len, a.batch_size)
     n = stats["n_tokens"]
     print(f"SmolLM2-135M x wiki, sites input,gate,intermediate, bf16, seq_len {a.seq_len}, batch {a.batch_size}")
     print(f"forward-only      {n / fwd:8.0f} tok/s  ({fwd:.2f} s for {n} tokens)")
     print(f"collection        {n / stats['loop_s']:8.0f} tok/s  ({stats['loop_s']:.2f} s; writer busy {stats['write_s']:.2f} s)")
     print(f"ratio collection/forward wall time: {stats['loop_s'] / fwd:.3f}  (target <= 1.3)")
+    print(f"collection without per-token stats {n / nostats['loop_s']:8.0f} tok/s  (ratio {nostats['loop_s'] / fwd:.3f}; "
+          f"writer busy {nostats['write_s']:.2f} s)")
     print(f"bytes on disk per stored 16-bit value: {act_bytes / values:.3f}  (target <= 1.8)")
     print(f"peak RSS: {rss_small:.0f} MiB at {n} tokens, {rss_big:.0f} MiB at {stats_big['n_tokens']} tokens "
           f"(ratio {rss_big / rss_small:.2f}; target: independent of token count)")
