@@ -6,7 +6,6 @@ non-zero exit status; no traceback reaches the user.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -163,8 +162,9 @@ def main() -> None:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except OSError as e:
-        reason = {errno.ENOSPC: "disk full", errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied"}
-        err.print(f"[red]error:[/red] {escape(str(reason.get(e.errno, e.strerror or e)))}: {escape(str(e.filename or ''))}", highlight=False)
+        from pipeline.store import disk_error
+
+        err.print(f"[red]error:[/red] {escape(str(disk_error(e, 'running the command')))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]; rerun the same command to resume")

@@ -520,8 +520,7 @@ def _save(st, run, rel_path: str, df) -> None:
     """Write a result into the run if the store is local and writable (remote stores: compute only)."""
     from pathlib import Path
 
-    protocols = st.fs.protocol if isinstance(st.fs.protocol, tuple) else (st.fs.protocol,)
-    if "file" not in protocols:
+    if not st.is_local:
         return
     path = Path(st.root) / rel_path
     try:

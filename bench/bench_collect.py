@@ -20,16 +20,17 @@ def forward_only(tokens: int, seq_len: int, batch_size: int) -> float:
     """Seconds for the forward passes alone (no hooks, no writing) over the same batches as collection."""
     import torch
 
-    from pipeline.collect import CollectConfig, _batches, _forward_batch, plan
+    from pipeline.collect import CollectConfig, _batch_tensors, _batches, _forward_batch, plan
     from pipeline.models import load_model
 
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size)
     resolved, tok, _, windows, _, _ = plan(cfg)
     model, _ = load_model(resolved)
-    _forward_batch(model, windows[:batch_size], tok.pad_token_id or 0)  # warm-up, excluded
+    batches = [_batch_tensors(b, tok.pad_token_id or 0) for b in _batches(windows, batch_size)]
+    _forward_batch(model, *batches[0])  # warm-up, excluded
     t0 = time.perf_counter()
-    for batch in _batches(windows, batch_size):
-        _forward_batch(model, batch, tok.pad_token_id or 0)
+    for ids, mask in batches:
+        _forward_batch(model, ids, mask)
     return time.perf_counter() - t0
 
 

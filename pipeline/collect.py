@@ -236,7 +236,8 @@ def _batches(windows: list[Window], batch_size: int):
         yield windows[b:b + batch_size]
 
 
-def _forward_batch(model, batch: list[Window], pad_id: int):
+def _batch_tensors(batch: list[Window], pad_id: int):
+    """Right-padded ``(input_ids, attention_mask)``, both int64 ``[batch, max_len]``."""
     import torch
 
     width = max(len(w.token_ids) for w in batch)
@@ -245,10 +246,15 @@ def _forward_batch(model, batch: list[Window], pad_id: int):
     for i, w in enumerate(batch):
         ids[i, : len(w.token_ids)] = torch.from_numpy(w.token_ids)
         mask[i, : len(w.token_ids)] = 1
+    return ids, mask
+
+
+def _forward_batch(model, ids, mask) -> None:
+    import torch
+
     body = getattr(model, "base_model", model)  # skip the LM head: only FFN activations are needed
     with torch.inference_mode():
         body(input_ids=ids, attention_mask=mask, use_cache=False)
-    return mask.bool()
 
 
 def plan(cfg: CollectConfig, *, progress: bool = False):
@@ -406,8 +412,10 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
                 captured.update({s: [None] * len(arch.layers) for s in cfg.sites})
                 t0 = time.perf_counter()
                 rec.reset_counts()
-                valid_mask = _valid(batch)
-                _forward_batch(model, batch, pad_id)
+                ids, attn = _batch_tensors(batch, pad_id)
+                # attention-mask positions, never `ids != pad_id` (pitfall P3)
+                valid_mask = attn.bool()
+                _forward_batch(model, ids, attn)
                 rec.check_fired(1)
                 forward_s += time.perf_counter() - t0
                 skip = max(0, start_token - token_cursor)  # only in the batch that straddles the resume point
@@ -451,16 +459,6 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     fmt.write_catalogue(paths)
     log(f"run {run_id} complete: {n_tokens} tokens, {len(cfg.sites)} sites x {len(arch.layers)} layers -> {run_dir}")
     return CollectResult(run_id, run_dir, "complete", n_tokens, elapsed, forward_s, manifest)
-
-
-def _valid(batch: list[Window]):
-    import torch
-
-    width = max(len(w.token_ids) for w in batch)
-    mask = torch.zeros((len(batch), width), dtype=torch.bool)
-    for i, w in enumerate(batch):
-        mask[i, : len(w.token_ids)] = True  # attention-mask positions, never `ids != pad_id` (pitfall P3)
-    return mask
 
 
 def _typed_rows(rows: dict) -> dict:

@@ -100,6 +100,11 @@ class StoreReader:
             raise ActsparseError(f"{self.url} ignores byte-range requests (asked for 8 bytes, got {len(head)}); "
                                  "serve the store with a server that supports HTTP Range (nginx, caddy, S3, ...)")
 
+    @property
+    def is_local(self) -> bool:
+        """True for a store on the local filesystem (the only kind results are written back into)."""
+        return _is_local(self.fs)
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 

@@ -179,7 +179,6 @@ def test_cli_newer_format_and_nan_are_reported(tiny_store, tmp_path):
     store, run_id = tiny_store
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)
-    arr = StoreReader(str(copy)).run(run_id).array("intermediate")
     import zarr
 
     w = zarr.open_array(copy / "runs" / run_id / "activations.zarr" / "intermediate", mode="r+")
@@ -192,7 +191,6 @@ def test_cli_newer_format_and_nan_are_reported(tiny_store, tmp_path):
     meta.write_text(json.dumps({"format": "actsparse-store", "format_version": 99}))
     r = run_cli("curves", str(copy))
     assert r.returncode != 0 and "newer than this actsparse reads" in r.stderr
-    assert arr.shape[0] == 3
 
 
 @pytest.mark.real
