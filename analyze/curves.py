@@ -18,8 +18,9 @@ intermediate   |h|                         W_d(m*h)                           (l
 all-inputs     |x|, then |h'|              W_d(m' * h'), h' from m*x          (per grid value)
 =============  ==========================  ===============================================================
 
-Linear targets use ``analyze.sweep``: one sort per token serves every grid value, and every value's
-error comes from one gather-accumulate of the dropped part in sorted order (about one matmul).
+Linear targets use ``analyze.sweep``: one pass per token (a bit-pattern histogram for top-p on stored
+bf16, else a sort) serves every grid value, and every value's error comes from one gather-accumulate of
+the dropped part in rank order (the multiply-adds of one matmul).
 """
 
 from __future__ import annotations
@@ -170,11 +171,13 @@ class _Acc:
 
 
 class _Sites:
-    """Dense float32 blocks of one layer: stored sites, or recomputed from ``input`` and the weights."""
+    """Blocks of one layer: stored sites (in their stored dtype, or as float32), or float32 tensors
+    recomputed from ``input`` and the weights."""
 
     def __init__(self, run, layer: int, start: int, stop: int, keep: torch.Tensor | None, weights: dict):
         self.run, self.layer, self.start, self.stop, self.keep, self.w = run, layer, start, stop, keep, weights
         self.cache: dict[str, torch.Tensor] = {}
+        self.natives: dict[str, torch.Tensor] = {}
         from transformers.activations import ACT2FN
 
         self.act_fn = ACT2FN[run.activation]
@@ -182,15 +185,32 @@ class _Sites:
     def stored(self, site: str) -> bool:
         return site in self.run.sites
 
+    def native(self, site: str) -> torch.Tensor:
+        """A stored site's selected tokens in the stored dtype (bfloat16 as stored: half the bytes of float32).
+
+        Raises:
+            ActsparseError: a non-finite value, naming the site, layer, token and feature.
+        """
+        if site not in self.natives:
+            t = self.run.read(site, self.layer, self.start, self.stop, to="native")
+            t = t[self.keep] if self.keep is not None else t
+            bad = _first_nonfinite(t)
+            if bad is not None:
+                raise ActsparseError(f"run {self.run.run_id}: non-finite value in site {site}, layer {self.layer}, "
+                                     f"token {self.start + int(self.keep[bad[0]] if self.keep is not None else bad[0])}, "
+                                     f"feature {bad[1]}")
+            self.natives[site] = t
+        return self.natives[site]
+
     def __getitem__(self, site: str) -> torch.Tensor:
+        """A site's selected tokens as float32 [tokens, width]."""
         if site not in self.cache:
             self.cache[site] = self._load(site)
         return self.cache[site]
 
     def _load(self, site: str) -> torch.Tensor:
         if self.stored(site):
-            t = self.run.read(site, self.layer, self.start, self.stop)
-            return t[self.keep] if self.keep is not None else t
+            return self.native(site).float()
         w = self.w
         if site == "act" and self.stored("gate"):
             return self.act_fn(self["gate"])
@@ -210,6 +230,19 @@ class _Sites:
         if site == "output":
             return _linear(self["intermediate"], w["down"], w.get("down_bias"))
         raise ActsparseError(f"unknown site {site}")
+
+
+def _first_nonfinite(t: torch.Tensor) -> tuple[int, int] | None:
+    """(token, feature) of the first NaN or inf in ``t`` [T, W], or None; 16-bit blocks are checked on
+    their bit patterns (all exponent bits set), ~10x faster than ``torch.isfinite``."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        inf_bits = 0x7F80 if t.dtype == torch.bfloat16 else 0x7C00
+        mag = t.view(torch.int16).numpy().view(np.uint16) & np.uint16(0x7FFF)
+        if not mag.size or mag.max() < inf_bits:
+            return None
+        return tuple(int(i) for i in np.argwhere(mag >= inf_bits)[0])
+    bad = ~torch.isfinite(t)
+    return tuple(bad.nonzero()[0].tolist()) if bad.any() else None
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -249,38 +282,51 @@ def _values_for(rule: str, grid: Sequence[float], taus: dict | None, key) -> lis
     return [taus[key][j] for j in range(len(grid))] if rule == "threshold" else list(grid)
 
 
+def _ranked(sites: _Sites, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
+    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the descending
+    order int64 [T, W] of ``sites[site]`` [T, W] for every value of ``rule``'s grid.
+
+    Plain top-p on a site stored in 16 bits takes the histogram path (``sweep.topp_histogram`` on
+    the stored values, no sort for the counts; a radix argsort when the order is needed);
+    everything else one ``sort_block`` of the float32 values (the thresholds of max-p and
+    threshold are float32 ones).
+    """
+    power = cfg.power if rule == "top-p" else 1.0
+    values = _values_for(rule, cfg.grid(rule), taus, key)
+    if rule == "top-p" and power == 1.0:
+        a = sites.native(site) if sites.stored(site) else sites[site]
+        fast = S.topp_histogram(a, values)
+        if fast is not None:
+            return *fast, (S.sort_order(a.abs()) if with_order else None)
+    sb = S.sort_block(sites[site], power, with_order=with_order)
+    counts = S.kept_counts(rule, sb, values)
+    return counts, S.kept_l1(sb, counts), sb.order
+
+
 def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: dict, layer: int,
                   emit, act_fn) -> None:
     """Compute every (rule, value) of one target over one block of tokens; ``emit(key, counts, kept_l1,
     errs, x_norm)`` receives the per-token results for the accumulators."""
-    x_norm = sites["input"].norm(dim=1) if sites.stored("input") else None
+    x_norm = sites["input"].norm(dim=1) if cfg.with_error and sites.stored("input") else None
     if target in LINEAR:
         rank_site = {"intermediate": "intermediate", "gate": "act", "up": "up"}[target]
-        a = sites[rank_site]
-        h = sites["intermediate"]
         for rule in cfg.rules:
-            power = cfg.power if rule == "top-p" else 1.0
-            sb = S.sort_block(a, power, with_order=cfg.with_error)
-            grid = cfg.grid(rule)
-            counts = S.kept_counts(rule, sb, _values_for(rule, grid, taus, (layer, target)))
-            errs = S.linear_target_errors(h, sb, counts, w["down"]) if cfg.with_error else None
-            emit((layer, target, rule), counts, S.kept_l1(sb, counts), errs, x_norm)
+            counts, kept, order = _ranked(sites, rank_site, rule, cfg, taus, (layer, target), with_order=cfg.with_error)
+            errs = S.linear_target_errors(sites["intermediate"], order, counts, w["down"]) if cfg.with_error else None
+            emit((layer, target, rule), counts, kept, errs, x_norm)
         return
-    x = sites["input"]
     if not cfg.with_error and target == "input":
         for rule in cfg.rules:
-            sb = S.sort_block(x, cfg.power if rule == "top-p" else 1.0, with_order=False)
-            counts = S.kept_counts(rule, sb, _values_for(rule, cfg.grid(rule), taus, (layer, target)))
-            emit((layer, target, rule), counts, S.kept_l1(sb, counts), None, None)
+            counts, kept, _ = _ranked(sites, "input", rule, cfg, taus, (layer, target), with_order=False)
+            emit((layer, target, rule), counts, kept, None, None)
         return
+    x = sites["input"]
     y = _linear(_ffn(x, w, act_fn), w["down"], None)
     y_norm = y.norm(dim=1)
     for rule in cfg.rules:
         power = cfg.power if rule == "top-p" else 1.0
-        sb = S.sort_block(x, power, with_order=False)
-        grid = cfg.grid(rule)
-        values = _values_for(rule, grid, taus, (layer, target))
-        counts = S.kept_counts(rule, sb, values)
+        values = _values_for(rule, cfg.grid(rule), taus, (layer, target))
+        counts, kept, _ = _ranked(sites, "input", rule, cfg, taus, (layer, target), with_order=False)
         rel, cos, dn, h_counts, h_l1 = [], [], [], [], []
         for j, v in enumerate(values):
             mask = R.rule_mask(rule, x, v, power=power) if rule != "threshold" else R.threshold_mask(x, v)
@@ -298,7 +344,7 @@ def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: d
             rel.append(torch.where(y_norm > 0, d / y_norm.double().clamp_min(1e-30), torch.zeros_like(d)))
             cos.append(torch.nn.functional.cosine_similarity(y, y2, dim=1).double())
         errs = dict(rel_err=torch.stack(rel, 1), cos=torch.stack(cos, 1), dropped_norm=torch.stack(dn, 1))
-        emit((layer, target, rule), counts, S.kept_l1(sb, counts), errs, x_norm)
+        emit((layer, target, rule), counts, kept, errs, x_norm)
         if target == "all-inputs":
             emit((layer, "all-inputs/h", rule), torch.stack(h_counts, 1), torch.stack(h_l1, 1), None, None)
 
@@ -427,11 +473,7 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         keep = torch.from_numpy(np.nonzero(sel)[0])
         sites = _Sites(run, layer, s, e, keep, weights_of(layer))
         for name in _needed(cfg, run):
-            t = sites[name]
-            if not torch.isfinite(t).all():
-                bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-                raise ActsparseError(f"run {run.run_id}: non-finite value in site {name}, layer {layer}, "
-                                     f"token {s + int(keep[bad[0]])}, feature {bad[1]}")
+            sites.native(name)  # read and checked for NaN/inf before any work
         return sites
 
     wcache: dict[int, dict] = {}

@@ -1,4 +1,4 @@
-"""Whole-grid sweeps: one sort per token serves every rule value of a grid.
+"""Whole-grid sweeps: one sort (or histogram) per token serves every rule value of a grid.
 
 For every rule in ``analyze.rules`` the kept set of a token is a prefix of its entries
 sorted by descending magnitude, closed under ties (an entry is kept iff its magnitude is
@@ -11,8 +11,11 @@ whole grid of values (e.g. the paper's 26 top-p points, paper.md §3.3):
 * the output error of a linear target (``linear_target_errors``, paper.md §8 proxies:
   ``||dy|| / ||y||`` and ``cos(y, y')`` with ``dy = W_down ((1 - m) * h)``) for all grid
   values with the multiply-adds of one dense matmul ``h @ W_down^T`` (run as a sparse
-  gather-accumulate plus passes over per-segment outputs: ~4x the dense matmul's time
-  on CPU, against ~26x for one matmul per grid value).
+  gather-accumulate plus one compiled pass over per-segment outputs: ~3-4x the dense
+  matmul's time on CPU, against ~26x for one matmul per grid value).
+
+For plain top-p on 16-bit data, ``topp_histogram`` gives the same counts without a sort
+(``analyze.bitstats``), and ``sort_order`` the rank order alone (radix argsort).
 
 All functions are pure and vectorised over tokens; the only Python loops run over grid
 values or fixed-size blocks of tokens / output features.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,9 +37,11 @@ from analyze.rules import check_block, check_rule_value, magnitude, threshold_in
 # linear_target_errors works on blocks of W_down^T columns sized to stay in a core's
 # L2 cache (the gather-accumulate is bound by where those rows come from: ~3x faster
 # from L2 than from L3 on the 1 MiB-L2 machines this was measured on), and on blocks of
-# tokens whose segment outputs (~4 MiB) stay in L3 for the reductions that follow.
-_W_CHUNK_BYTES = 512 * 1024
-_Y_BLOCK_BYTES = 4 * 1024 * 1024
+# tokens whose segment outputs (~2 MiB) stay in L2/L3 for the pass that follows. Measured
+# on SmolLM2-135M (d_ff 1536): 64-wide chunks and ~300-token blocks are fastest, 20% ahead
+# of 80-wide chunks and ~500-token blocks.
+_W_CHUNK_BYTES = 384 * 1024
+_Y_BLOCK_BYTES = 2 * 1024 * 1024
 # FBGEMM's embedding-bag kernels are markedly faster for row widths that are multiples
 # of 16 float32 lanes (AVX-512).
 _LANES = 16
@@ -67,31 +73,54 @@ class SortedBlock:
         return self.values.shape[1]
 
 
+def _radix_key(arr: torch.Tensor) -> np.ndarray | None:
+    """uint16 keys ordered like the non-negative values of ``arr``, or None when they do not exist.
+
+    16-bit floats sort as their bit patterns (non-negative floats, and NaN above inf, order like
+    their bits); float32 widened from bfloat16 (zero low halves, as stored blocks decode) sorts as its
+    high halves. numpy radix-sorts 16-bit keys: ~4 ns per entry against ~20 for float32 argsort.
+    """
+    if arr.dtype in (torch.bfloat16, torch.float16):
+        return arr.view(torch.int16).numpy().view(np.uint16)
+    if arr.dtype == torch.float32 and arr.numel():
+        bits = arr.numpy().view(np.uint32)
+        if not (bits & np.uint32(0xFFFF)).any():
+            return (bits >> 16).astype(np.uint16)
+    return None
+
+
 def _sorted_desc(s: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows of non-negative ``s`` [T, W] sorted descending (values in s's dtype) and, if asked, the
     int64 permutation.
 
-    numpy's SIMD sorts are 3-8x faster than torch.sort on CPU: 16-bit floats sort as their bit
-    patterns (non-negative floats, and NaN above inf, order like their bits; radix sort), wider floats
-    with numpy's vectorised quicksort/argsort. Ties may come out in any order: every rule keeps all
-    entries >= a threshold, so nothing depends on the order among equal values.
+    numpy's sorts are 3-8x faster than torch.sort on CPU: radix sorts of 16-bit keys
+    (``_radix_key``), numpy's vectorised quicksort/argsort otherwise. Ties may come out in any
+    order: every rule keeps all entries >= a threshold, so nothing depends on the order among
+    equal values.
     """
     arr = s.detach().cpu().contiguous()
-    as_int = {torch.bfloat16: np.uint16, torch.float16: np.uint16}.get(arr.dtype)
-    key = arr.view(torch.int16).numpy().view(as_int) if as_int else arr.numpy()
-    if not with_order and arr.dtype == torch.float32 and arr.numel():
-        # float32 widened from stored bf16 has zero low halves: radix-sort the high halves instead
-        bits = key.view(np.uint32)
-        if not (bits & np.uint32(0xFFFF)).any():
-            hi = np.sort((bits >> 16).astype(np.uint16), axis=1)[:, ::-1].astype(np.uint32)
-            hi <<= 16
-            return torch.from_numpy(hi.view(np.float32)), None
-    if not with_order:
-        srt = np.sort(key, axis=1)[:, ::-1].copy()  # copy(): positive strides even for width 1
-        values = torch.from_numpy(srt.view(np.int16)).view(arr.dtype) if as_int else torch.from_numpy(srt)
-        return values, None
-    order = torch.from_numpy(np.argsort(key, axis=1)[:, ::-1].copy())
-    return arr.gather(1, order), order
+    key = _radix_key(arr)
+    if with_order:
+        order = sort_order(arr, key)
+        return arr.gather(1, order), order
+    if key is None:
+        return torch.from_numpy(np.sort(arr.numpy(), axis=1)[:, ::-1].copy()), None  # copy(): positive strides
+    srt = np.sort(key, axis=1)[:, ::-1]
+    if arr.dtype == torch.float32:
+        return torch.from_numpy((srt.astype(np.uint32) << 16).view(np.float32)), None
+    return torch.from_numpy(srt.copy().view(np.int16)).view(arr.dtype), None
+
+
+def sort_order(a: torch.Tensor, key: np.ndarray | None = None) -> torch.Tensor:
+    """int64 [T, W]: per token, the indices of ``a`` [T, W] by descending value (ties in any order).
+
+    ``a`` holds magnitudes (non-negative); ``key`` is its ``_radix_key`` when already computed.
+    """
+    arr = a.detach().cpu().contiguous()
+    key = _radix_key(arr) if key is None else key
+    if key is None:
+        return torch.from_numpy(np.argsort(arr.numpy(), axis=1)[:, ::-1].copy())
+    return torch.from_numpy(np.argsort(key, axis=1, kind="stable")[:, ::-1].copy())
 
 
 def sort_block(a: torch.Tensor, power: float = 1.0, *, with_order: bool = True) -> SortedBlock:
@@ -157,6 +186,33 @@ def topp_kept_counts(sb: SortedBlock, p_values) -> torch.Tensor:
     return _count_at_least(sb, sb.values.gather(1, idx))
 
 
+def topp_histogram(a: torch.Tensor, p_values) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-p (power 1) kept counts and kept L1 fractions without a sort, when ``a`` is 16-bit.
+
+    a: [T, W] bfloat16 or float16, or float32 holding bfloat16 values (as stored blocks decode).
+    Returns ``(counts int64 [T, P], kept_l1 float64 [T, P])``: the counts of ``topp_kept_counts``
+    of ``sort_block(a)`` and its ``kept_l1`` up to float64 rounding (the mass is summed by groups
+    of equal-exponent values; see ``analyze.bitstats``), ~5x faster; or None for other data,
+    which needs the sort.
+
+    Raises:
+        ActsparseError: a grid value outside [0, 1], or a token holding NaN.
+    """
+    from analyze.bitstats import topp_sweep
+
+    check_block(a, ndim=2)
+    grid = _grid(p_values, "top-p")
+    arr = a.detach().cpu().contiguous()
+    if arr.dtype in (torch.bfloat16, torch.float16):
+        bits, dtype = arr.view(torch.int16).numpy(), str(arr.dtype).removeprefix("torch.")
+    elif (key := _radix_key(arr)) is not None:
+        bits, dtype = key, "bfloat16"
+    else:
+        return None
+    counts, kept = topp_sweep(bits, dtype, grid)
+    return torch.from_numpy(counts), torch.from_numpy(kept)
+
+
 def kept_counts(rule: str, sb: SortedBlock, values) -> torch.Tensor:
     """Kept entries per token for every value of ``rule``'s grid: int64 [T, P].
 
@@ -188,12 +244,12 @@ def kept_counts(rule: str, sb: SortedBlock, values) -> torch.Tensor:
     return _count_at_least(sb, thr)
 
 
-def _check_counts(sb: SortedBlock, counts: torch.Tensor) -> None:
-    """Raise ActsparseError unless counts is an integer [T, P] tensor within [0, W]."""
-    if counts.dtype not in (torch.int64, torch.int32) or counts.ndim != 2 or counts.shape[0] != sb.values.shape[0]:
-        raise ActsparseError(f"counts must be integer [tokens={sb.values.shape[0]}, P], got {counts.dtype} {tuple(counts.shape)}")
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > sb.width):
-        raise ActsparseError(f"counts must lie in [0, {sb.width}]")
+def _check_counts(counts: torch.Tensor, n_tok: int, width: int) -> None:
+    """Raise ActsparseError unless counts is an integer [n_tok, P] tensor within [0, width]."""
+    if counts.dtype not in (torch.int64, torch.int32) or counts.ndim != 2 or counts.shape[0] != n_tok:
+        raise ActsparseError(f"counts must be integer [tokens={n_tok}, P], got {counts.dtype} {tuple(counts.shape)}")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > width):
+        raise ActsparseError(f"counts must lie in [0, {width}]")
 
 
 def kept_l1(sb: SortedBlock, counts: torch.Tensor) -> torch.Tensor:
@@ -206,7 +262,7 @@ def kept_l1(sb: SortedBlock, counts: torch.Tensor) -> torch.Tensor:
     An all-zero token has kept fraction 1 (nothing can be lost); a token with an
     infinite entry gives NaN.
     """
-    _check_counts(sb, counts)
+    _check_counts(counts, sb.values.shape[0], sb.width)
     cum = sb.cum if sb.l1_cum is None else sb.l1_cum
     total = cum[:, -1:]
     kept = cum.gather(1, (counts.long() - 1).clamp_(min=0))
@@ -215,28 +271,69 @@ def kept_l1(sb: SortedBlock, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _feature_chunks(width: int, d_model: int) -> list[tuple[int, int]]:
-    """Split the d_model output features into near-equal chunks of ``_LANES`` multiples
-    whose W_down^T slice (width x chunk float32) fits ``_W_CHUNK_BYTES``."""
+    """Split the d_model output features into near-equal chunks with bounds on ``_LANES``
+    multiples, whose W_down^T slice (width x chunk float32) fits ``_W_CHUNK_BYTES``."""
     max_c = max(_LANES, (_W_CHUNK_BYTES // (4 * width)) // _LANES * _LANES)
     n = math.ceil(d_model / max_c)
-    c = math.ceil(d_model / n / _LANES) * _LANES
-    return [(j, min(j + c, d_model)) for j in range(0, d_model, c)]
+    bounds = sorted({min(d_model, round(d_model * i / n / _LANES) * _LANES) for i in range(n)} | {d_model})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _segment_norms(seg, y, dropped_sq, kept_sq):  # pragma: no cover - compiled
+    """Accumulate squared norms of segment prefix sums for one feature chunk.
+
+    seg: float32 [T, P + 1, C] segment outputs in ascending rank order; y: float32 [T, C] reference
+    output, or [0, C] to use the sum of all segments. Adds ||prefix_i||^2 to ``dropped_sq[:, i]``
+    (i <= P; i = P is ||y||^2) and ||prefix_i - y||^2 to ``kept_sq[:, i]`` (i < P), float64.
+    Prefixes are float32 per feature, as the segments; the squares are summed in float64.
+    """
+    n_tok, n_seg, width = seg.shape
+    has_y = y.shape[0] > 0
+    acc = np.empty(width, np.float32)
+    ref = np.empty(width, np.float32)
+    for t in range(n_tok):
+        acc[:] = 0.0
+        for i in range(n_seg):
+            sq = 0.0
+            for j in range(width):
+                acc[j] += seg[t, i, j]
+                sq += np.float64(acc[j]) * acc[j]
+            if i < n_seg - 1:
+                dropped_sq[t, i] += sq
+        # acc now holds W_down @ h on this chunk
+        ref[:] = y[t] if has_y else acc
+        sq = 0.0
+        for j in range(width):
+            sq += np.float64(ref[j]) * ref[j]
+        dropped_sq[t, n_seg - 1] += sq
+        acc[:] = 0.0
+        for i in range(n_seg - 1):
+            sq = 0.0
+            for j in range(width):
+                acc[j] += seg[t, i, j]
+                # D - y = -(y - D) per feature: ~eps * |y| error, where ||y||^2 - 2 y.D + ||D||^2 from
+                # scalars would lose ~eps * ||y||^2 and swamp a small kept part (p near 0)
+                d = np.float64(acc[j] - ref[j])
+                sq += d * d
+            kept_sq[t, i] += sq
 
 
 def linear_target_errors(
     h: torch.Tensor,
-    sb: SortedBlock,
+    order: torch.Tensor,
     counts: torch.Tensor,
     w_down: torch.Tensor,
     y: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Output error of dropping entries of h before a linear map, for every grid value.
 
-    h: [T, W] values that feed the down projection (any float dtype); sb: SortedBlock
-    whose ranks define the drop order — of h itself (intermediate target) or of another
-    tensor (gate target: ranks by |g|, drops h = u*g at those positions; paper.md §8);
-    counts: [T, P] kept counts (prefix of sb's order); w_down: [d_model, W]; y: optional
-    [T, d_model] dense output, default ``W_down @ h`` computed in this same pass.
+    h: [T, W] values that feed the down projection (any float dtype); order: int64 [T, W]
+    permutation by descending rank (``SortedBlock.order`` or ``sort_order``) — of h itself
+    (intermediate target) or of another tensor (gate target: ranks by |g|, drops h = u*g at
+    those positions; paper.md §8); counts: [T, P] kept counts (a prefix of that order);
+    w_down: [d_model, W]; y: optional [T, d_model] dense output, default ``W_down @ h``
+    computed in this same pass.
 
     With D_p = W_down @ (h * dropped_mask_p) (paper.md §8 ``dy``) and y' = y - D_p,
     returns float64 [T, P] tensors:
@@ -249,23 +346,25 @@ def linear_target_errors(
     gather-accumulate: rows of W_down^T weighted by h, one bag per segment) turns every
     segment into its output vector: T * W multiply-adds of width d_model in total, the
     work of one dense matmul. Segments run from the lowest ranks up, so prefix sums over
-    them give every D_p, and the last prefix is y. The work is tiled over feature chunks
-    of W_down^T that stay in L2 and token blocks whose segment outputs stay in L3.
+    them give every D_p, and the last prefix is y (one fused compiled pass per token and
+    feature chunk, ``_segment_norms``). The work is tiled over feature chunks of W_down^T
+    that stay in L2 and token blocks whose segment outputs stay in L3.
 
     A y given by the caller is the reference as is: y' = y - D_p, so any difference
     between y and W_down @ h (e.g. a bf16 module output) shows up in y' and in cos.
 
     Numerics: h and W_down are cast to float32 (exact from bf16); segment outputs, their
-    prefix sums and y - D_p are float32 vectors (error ~eps32 * |y| per feature); norms
-    are float32 within a feature chunk of <= ~100 terms and float64 across chunks; y.y'
-    comes from the norms by polarization. Agreement with a float64 brute force: ~1e-6
+    prefix sums and y - D_p are float32 vectors (error ~eps32 * |y| per feature); squared
+    norms are summed in float64; y.y' comes from the norms by polarization. Agreement with a float64 brute force: ~1e-6
     of ||y|| for ||D_p|| and ||y||, ~1e-6 * ||y|| / ||y'|| for cos; tests check 1e-4.
     """
     check_block(h, ndim=2)
-    n_tok, width = sb.values.shape
+    n_tok, width = order.shape
     if h.shape != (n_tok, width):
         raise ActsparseError(f"h must have the sorted block's shape {(n_tok, width)}, got {tuple(h.shape)}")
-    _check_counts(sb, counts)
+    _check_counts(counts, n_tok, width)
+    if order.dtype != torch.int64:
+        raise ActsparseError(f"order must be int64, got {order.dtype}")
     if w_down.ndim != 2 or w_down.shape[1] != width:
         raise ActsparseError(f"w_down must be [d_model, {width}], got {tuple(w_down.shape)}")
     d_model = w_down.shape[0]
@@ -283,45 +382,26 @@ def linear_target_errors(
     block = max(1, _Y_BLOCK_BYTES // (4 * (n_p + 1) * max_c))
 
     # Per token, sorted-grid order: ||D_i||^2, ||y - D_i||^2 and ||y||^2 (last column).
-    dropped_sq = torch.empty(n_tok, n_p + 1, dtype=torch.float64)
-    kept_sq = torch.empty(n_tok, n_p + 1, dtype=torch.float64)
+    dropped_sq = np.zeros((n_tok, n_p + 1))
+    kept_sq = np.zeros((n_tok, n_p))
+    no_y = np.zeros((0, 1), np.float32)
     for t0 in range(0, n_tok, block):
         t1 = min(n_tok, t0 + block)
         nb = t1 - t0
-        asc = sb.order[t0:t1].flip(-1)
+        asc = order[t0:t1].flip(-1)
         weights = h[t0:t1].gather(1, asc).float().reshape(-1)
         offsets = (starts[t0:t1] + torch.arange(nb)[:, None] * width).reshape(-1)
         cols = asc.reshape(-1)
-        # float32 norms of each feature chunk (<= ~100 terms), summed in float64 below.
-        part = torch.zeros(len(chunks), 2, nb, n_p + 1)
-        for k, (j0, j1, wc) in enumerate(chunks):
+        for j0, j1, wc in chunks:
             seg = F.embedding_bag(cols, wc, offsets, mode="sum", per_sample_weights=weights)
-            upto = seg.view(nb, n_p + 1, j1 - j0)
-            # Prefix sums over segments, in place: upto[:, i] = outputs of segments 0..i,
-            # i.e. D for the i-th smallest dropped set, and upto[:, P] = W_down @ h.
-            # (torch.cumsum along a middle dim is a strided scalar scan, ~3x slower.)
-            for i in range(1, n_p + 1):
-                upto[:, i] += upto[:, i - 1]
-            torch.linalg.vector_norm(upto, dim=-1, out=part[k, 0])
-            if y is None:
-                yc = upto[:, n_p]
-            else:
-                yc = y[t0:t1, j0:j1].float()
-                torch.linalg.vector_norm(yc, dim=-1, out=part[k, 0, :, n_p])
-            # D - y = -(y - D), formed per feature: its error is ~eps * |y| per feature,
-            # whereas ||y - D||^2 = ||y||^2 - 2 y.D + ||D||^2 from float32 scalars would
-            # lose ~eps * ||y||^2 and swamp a small kept part (p near 0).
-            dropped = upto[:, :n_p]
-            dropped.sub_(yc.unsqueeze(1))
-            torch.linalg.vector_norm(dropped, dim=-1, out=part[k, 1, :, :n_p])
-        sq = part.double().square_().sum(dim=0)
-        dropped_sq[t0:t1] = sq[0]
-        kept_sq[t0:t1] = sq[1]
+            yc = no_y if y is None else np.ascontiguousarray(y[t0:t1, j0:j1].float().numpy())
+            _segment_norms(seg.view(nb, n_p + 1, j1 - j0).numpy(), yc, dropped_sq[t0:t1], kept_sq[t0:t1])
+    dropped_sq, kept_sq = torch.from_numpy(dropped_sq), torch.from_numpy(kept_sq)
 
     y_sq = dropped_sq[:, n_p]
     # Back from the per-token sorted order of the counts to the caller's grid order.
     dropped_sq = torch.empty_like(dropped_sq[:, :n_p]).scatter_(1, perm, dropped_sq[:, :n_p])
-    kept_sq = torch.empty_like(kept_sq[:, :n_p]).scatter_(1, perm, kept_sq[:, :n_p])
+    kept_sq = torch.empty_like(kept_sq).scatter_(1, perm, kept_sq)
     # y.(y - D) by polarization (y = (y - D) + D): its error is ~eps * (||y||^2 + ...), so
     # cos(y, y') stays accurate to ~eps * ||y|| / ||y'|| like the kept output itself.
     y_dot_kept = 0.5 * (y_sq[:, None] + kept_sq - dropped_sq)

@@ -19,7 +19,7 @@ Rows are ordered by layer, then token, so a filter on one layer reads few row gr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -38,7 +38,7 @@ STAT_COLUMNS = ("l1", "l2", "max_abs", "top1_share", *THRESHOLD_COLUMNS, *TOPP_C
 DIR = "token_stats"
 # DuckDB parallelises a Parquet scan by row group; 128k rows x 21 columns is ~8 MB per group.
 ROW_GROUP_ROWS = 128 * 1024
-# Entries per sorted sub-block: ~20 bytes each (bits, float32 values, float64 cumsum), so ~40 MB at most.
+# Entries per piece of work: the float32 path sorts ~20 bytes per entry (values, float64 cumsum), ~40 MB.
 _BLOCK_ENTRIES = 2 * 1024 * 1024
 
 
@@ -60,17 +60,19 @@ def part_path(run_dir: Path, site: str, k: int) -> Path:
 
 
 def token_stats(block) -> dict[str, np.ndarray]:
-    """Per-token statistics of one block of activations, from one sort per token.
+    """Per-token statistics of one block of activations.
 
     Args:
-        block: torch tensor [tokens, width], any float dtype (bfloat16 as stored is fastest).
+        block: torch tensor [tokens, width], any float dtype. bfloat16 and float16 (as stored) go
+            through ``analyze.bitstats`` (histograms of bit patterns, no sort); float32 through one
+            sort per token (``analyze.sweep.sort_block``).
 
     Returns:
         ``{column: float32 array [tokens]}`` for every name of ``STAT_COLUMNS`` (see the module
         docstring). NaN marks an undefined value: ``top1_share`` of an all-zero token, and every
         statistic of a token that holds a NaN activation. The top-p sparsities are
-        ``1 - kept / width`` with the kept counts of ``analyze.sweep.topp_kept_counts`` (equal to
-        ``analyze.rules.topp_mask(block, p).sum(-1)``); ``l1`` is that rule's float64 total.
+        ``1 - kept / width`` with kept equal to ``analyze.rules.topp_mask(block, p).sum(-1)``;
+        ``l1`` is that rule's float64 total.
 
     Raises:
         ActsparseError: ``block`` is not a 2-D floating-point tensor with a non-empty width.
@@ -78,17 +80,28 @@ def token_stats(block) -> dict[str, np.ndarray]:
     import torch
 
     from analyze.rules import check_block
-    from analyze.sweep import kept_counts, sort_block, topp_kept_counts
 
     check_block(block, ndim=2)
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(block.dtype)
+    if dtype is not None:
+        from analyze.bitstats import bit_stats
+
+        out = bit_stats(block.contiguous().view(torch.int16).numpy(), dtype, THRESHOLDS, TOPP_VALUES)
+        return {name: out[:, i].astype(np.float32) for i, name in enumerate(STAT_COLUMNS)}
+    return _sorted_stats(block)
+
+
+def _sorted_stats(block) -> dict[str, np.ndarray]:
+    """``token_stats`` of a float32 (or wider) block from one sort per token."""
+    import torch
+
+    from analyze.sweep import kept_counts, sort_block, topp_kept_counts
+
     bad = torch.isnan(block).any(dim=1).numpy()
     if bad.any():
         block = torch.where(torch.isnan(block), 0.0, block)  # computed as zeros, reported as NaN below
     # No statistic depends on which entry is which, so the sort skips the permutation.
     sb = sort_block(block, with_order=False)
-    # Widened to float32 (exact): the absolute thresholds must be compared in float32, where
-    # |a| < float32(t) holds exactly when |a| < t as reals; top-p thresholds are unchanged by widening.
-    sb = dataclasses.replace(sb, values=sb.values.float())
     values = sb.values.numpy()
     width = values.shape[1]
     l1 = sb.total.numpy()
@@ -101,7 +114,6 @@ def token_stats(block) -> dict[str, np.ndarray]:
         "max_abs": max_abs,
         "top1_share": top1,
     }
-    # Thresholds are compared in float32, where |a| < float32(t) holds exactly when |a| < t as reals.
     below = 1.0 - kept_counts("threshold", sb, THRESHOLDS).numpy() / width
     out.update(zip(THRESHOLD_COLUMNS, below.T))
     topp = 1.0 - topp_kept_counts(sb, TOPP_VALUES).numpy() / width
@@ -114,25 +126,15 @@ def token_stats(block) -> dict[str, np.ndarray]:
     return result
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Run this thread's torch kernels on one core, then restore the thread count.
+@functools.lru_cache(maxsize=1)
+def _pool():
+    """Worker threads for statistics, one per core: the bfloat16/float16 kernel releases the GIL.
 
-    Statistics run on collection's writer thread beside the forward pass. A parallel torch kernel
-    started there brings a second OpenMP team onto the cores the forward pass already uses; the two
-    teams then spin against each other (measured on 2 busy cores: ``token_stats`` of a [1024, 1536]
-    block takes 17 ms with one torch thread and 50-60 ms with two, its searchsorted calls 0.2 ms
-    against ~7 ms). The numpy sort and cumsum that dominate are single-threaded anyway. ``torch.set_num_threads`` sets the
-    OpenMP team size of the calling thread; threads already running torch keep theirs.
+    Collection calls :func:`shard_stats` between forward passes, when the cores are otherwise idle.
     """
-    import torch
+    from concurrent.futures import ThreadPoolExecutor
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="actsparse-stats")
 
 
 def _column(rows: Mapping, name: str) -> np.ndarray:
@@ -170,9 +172,9 @@ def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_
             raise ActsparseError(f"run {run_meta['run_id']} shard {k} site {site}: {t} tokens in the block, {n} token rows")
         dtype = run_meta["arrays"][site]["logical_dtype"]
         step = max(1, _BLOCK_ENTRIES // max(width, 1))
-        with _one_torch_thread():
-            parts = [token_stats(fmt.decode(arr[layer, s:s + step], dtype, to="native"))
-                     for layer in range(layers) for s in range(0, n, step)]
+        pieces = [(layer, s) for layer in range(layers) for s in range(0, n, step)]
+        parts = list(_pool().map(lambda ls: token_stats(fmt.decode(arr[ls[0], ls[1]:ls[1] + step], dtype, to="native")),
+                                 pieces))
         cols = {
             "run_id": pa.array(np.full(layers * n, run_meta["run_id"], dtype=object), pa.string()),
             "site": pa.array(np.full(layers * n, site, dtype=object), pa.string()),
@@ -216,15 +218,17 @@ def write_shard_stats(run_dir: Path, k: int, tables: Mapping) -> list[Path]:
     return written
 
 
-def stats_writer(run_dir: Path, manifest: dict) -> Callable[[int, dict, dict], None]:
-    """The ``on_shard`` hook of collection: compute and write a shard's statistics.
+def stats_writer(run_dir: Path, manifest: dict) -> Callable[[int, dict, dict], Callable[[], None]]:
+    """The ``on_shard`` hook of collection: compute a shard's statistics, return their write.
 
-    Collection calls it on the writer thread before it writes the shard's token part, so a shard whose
-    token part exists also has its statistics, and a resumed run recomputes both.
+    Collection computes them on its main thread and runs the returned write on the writer thread
+    before the shard's token part, so a shard whose token part exists also has its statistics, and a
+    resumed run recomputes both.
     """
 
-    def on_shard(k: int, blocks: dict, token_rows: dict) -> None:
-        write_shard_stats(run_dir, k, shard_stats(manifest, k, blocks, token_rows))
+    def on_shard(k: int, blocks: dict, token_rows: dict) -> Callable[[], None]:
+        tables = shard_stats(manifest, k, blocks, token_rows)
+        return lambda: write_shard_stats(run_dir, k, tables)
 
     return on_shard
 

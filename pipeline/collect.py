@@ -11,8 +11,10 @@ part and re-computes exactly the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import platform
 import queue
@@ -152,6 +154,23 @@ def _write_weights(paths: fmt.StorePaths, weights_id: str, arch: FFNArchitecture
         write_checksums(target.parent)
 
 
+@contextlib.contextmanager
+def _single_threaded_blosc():
+    """One blosc thread per encode while collecting, restored afterwards.
+
+    zarr already encodes a shard's chunks concurrently; blosc's own threads on top of that, beside
+    the forward pass's, cost 1.7x the CPU time per shard on 2 cores (BENCHMARKS.md).
+    """
+    from numcodecs import blosc
+
+    n = blosc.get_nthreads()
+    blosc.set_nthreads(1)
+    try:
+        yield
+    finally:
+        blosc.set_nthreads(n)
+
+
 def _compressor(typesize: int):
     from zarr.codecs import BloscCodec
 
@@ -180,42 +199,67 @@ def _create_arrays(act_dir: Path, cfg: CollectConfig, arch: FFNArchitecture, n_t
             arr = group.create_array(
                 site, shape=shape, dtype=nd, chunks=(1, t, width), shards=(n_layers, t, width),
                 compressors=_compressor(np.dtype(nd).itemsize), fill_value=0,
-                dimension_names=("layer", "token", "feature"),
-                attributes=dict(logical_dtype=cfg.dtype, site=site),
+                dimension_names=("layer", "token", "feature"), attributes=dict(logical_dtype=cfg.dtype, site=site),
             )
-        arrays[site] = arr
+        # activations are never all fill value: skip zarr's per-chunk "is it empty" scan (~2x the encode time)
+        arrays[site] = arr.with_config({"write_empty_chunks": True})
         spec[site] = dict(shape=list(shape), chunks=[1, t, width], shards=[n_layers, t, width], numpy_dtype=nd,
                           logical_dtype=cfg.dtype, width=width)
     return arrays, spec
 
 
-class _Writer(threading.Thread):
-    """Writes whole shards from a bounded queue; the first exception is kept for the main thread."""
+class _ShardPool:
+    """Shard buffers ``{site: [layers, chunk_tokens, width]}`` recycled between the main and writer threads.
 
-    def __init__(self, run_dir: Path, arrays: dict, on_shard: Callable[[int, dict, dict], None] | None):
+    ``size`` sets are allocated up front and touched, so memory is bounded whatever the token count and
+    the loop never page-faults on them: first-touch faults of fresh buffers cost ~1 s per 4,096
+    SmolLM2-135M tokens on a 2-core VM (BENCHMARKS.md). :meth:`take` blocks until the writer
+    releases a set.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], dtype: str, size: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(size):
+            bufs = {s: np.empty(shape, dtype=dtype) for s, shape in shapes.items()}
+            for b in bufs.values():
+                b.fill(0)  # touch every page now (np.zeros would map them lazily)
+            self._free.put(bufs)
+
+    def take(self) -> dict[str, np.ndarray]:
+        return self._free.get()
+
+    def release(self, bufs: dict[str, np.ndarray]) -> None:
+        self._free.put(bufs)
+
+
+class _Writer(threading.Thread):
+    """Writes whole shards from a queue (bounded by the pool); the first exception is kept for the main thread."""
+
+    def __init__(self, run_dir: Path, arrays: dict, pool: _ShardPool):
         super().__init__(daemon=True, name="actsparse-writer")
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.run_dir, self.arrays, self.on_shard = run_dir, arrays, on_shard
+        self.q: queue.Queue = queue.Queue()
+        self.run_dir, self.arrays, self.pool = run_dir, arrays, pool
         self.error: BaseException | None = None
         self.write_s = 0.0
 
     def run(self) -> None:
+        import pyarrow as pa
+
         while (item := self.q.get()) is not None:
-            if self.error is not None:
-                continue
-            k, start, blocks, token_rows = item
+            k, start, blocks, token_rows, bufs, extra = item
             t0 = time.perf_counter()
             try:
-                n = len(token_rows["token_index"])
-                for site, block in blocks.items():
-                    self.arrays[site][:, start:start + n, :] = block
-                if self.on_shard is not None:
-                    self.on_shard(k, blocks, token_rows)
-                import pyarrow as pa
-
-                fmt.atomic_write_parquet(self.run_dir / "tokens" / fmt.part_name(k), pa.table(token_rows))
+                if self.error is None:
+                    n = len(token_rows["token_index"])
+                    for site, block in blocks.items():
+                        self.arrays[site][:, start:start + n, :] = block
+                    if extra is not None:
+                        extra()
+                    fmt.atomic_write_parquet(self.run_dir / "tokens" / fmt.part_name(k), pa.table(token_rows))
             except BaseException as e:  # re-raised on the main thread
                 self.error = e
+            finally:
+                self.pool.release(bufs)
             self.write_s += time.perf_counter() - t0
 
     def put(self, item) -> None:
@@ -225,6 +269,21 @@ class _Writer(threading.Thread):
     def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _warm_up_statistics() -> threading.Thread:
+    """Import and compile (or load from numba's cache) the statistics kernel while the model loads."""
+
+    def warm() -> None:
+        import torch
+
+        from analyze.token_stats import token_stats
+
+        token_stats(torch.zeros((1, 2), dtype=torch.bfloat16))
+
+    thread = threading.Thread(target=warm, daemon=True, name="actsparse-warm-up")
+    thread.start()
+    return thread
 
 
 def _token_texts(tok, ids: np.ndarray) -> list[str]:
@@ -288,10 +347,11 @@ def collect(cfg: CollectConfig, store: str | Path, *, progress: bool = True,
         cfg: the run configuration.
         store: local store directory (created if missing).
         progress: show a progress bar with tokens/s.
-        on_shard: work per written shard ``(k, blocks, token_rows)`` on the writer thread, before the
-            shard's token part is written; ``blocks[site]`` is the stored numpy array ``[layers, T, width]``.
-            None (the default) writes the per-token statistics (``analyze.token_stats.stats_writer``);
-            a callable replaces them.
+        on_shard: work per complete shard ``(k, blocks, token_rows)``, run on the main thread between
+            forward passes (so it may use every core); ``blocks[site]`` is the stored numpy array
+            ``[layers, T, width]``. It may return a callable, which the writer thread runs after the
+            shard's arrays and before its token part. None (the default) computes and writes the
+            per-token statistics (``analyze.token_stats.stats_writer``); a callable replaces them.
         log: where one-line messages go.
 
     Returns:
@@ -315,8 +375,9 @@ def collect(cfg: CollectConfig, store: str | Path, *, progress: bool = True,
             log(f"run {run_id} is already complete ({n_tokens} tokens); nothing to do")
             return CollectResult(run_id, run_dir, "already-complete", n_tokens, manifest=json.loads(manifest_path.read_text()))
         try:
-            return _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id, identity, n_tokens,
-                                   progress, on_shard, log, t_start)
+            with _single_threaded_blosc():
+                return _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id, identity,
+                                       n_tokens, progress, on_shard, log, t_start)
         except OSError as e:
             raise fmt.disk_error(e, f"writing run {run_id}") from e
 
@@ -326,6 +387,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     import pyarrow as pa
     import torch
 
+    warm = _warm_up_statistics() if on_shard is None else None
     model, _ = load_model(resolved, cfg.compute_dtype)
     arch = resolve_ffn(model)
     unsupported = [s for s in cfg.sites if s not in arch.sites]
@@ -369,35 +431,49 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
         from analyze.token_stats import stats_writer
 
         on_shard = stats_writer(run_dir, manifest)
-    writer = _Writer(run_dir, arrays, on_shard)
+    n_layers = len(arch.layers)
+    max_batch = max(sum(len(w.token_ids) for w in batch) for batch in _batches(windows, cfg.batch_size))
+    # a batch fills at most ceil(max_batch / T) + 1 shards at once (one carried over); that many sets
+    # always progress, as the writer releases every set the main thread does not hold
+    pool = _ShardPool({s: (n_layers, T, array_spec[s]["width"]) for s in cfg.sites}, fmt.numpy_dtype(cfg.dtype),
+                      size=-(-max_batch // T) + 1)
+    writer = _Writer(run_dir, arrays, pool)
     writer.start()
-    buf: dict[str, list[np.ndarray]] = {s: [] for s in cfg.sites}
+    filling: dict[int, dict[str, np.ndarray]] = {}  # shard index -> its buffers {site: [layers, T, width]}
     buf_rows: dict[str, list] = {c: [] for c in fmt.TOKEN_COLUMNS}
-    buffered = 0
-    shard_k = done
-    captured: dict[str, list] = {}
-    valid_mask = None
+    segments: list[tuple[dict, int, int, int]] = []  # (shard buffers, batch row, shard row, rows) per batch
+    keep_rows = None
 
     def sink(site: str, layer: int, t) -> None:
-        rows = t[valid_mask] if t.dim() == 3 else t
-        captured[site][layer] = fmt.encode(rows, cfg.dtype, where=f"site {site} layer {layer}")
+        # [batch, seq, w] (or OPT's flattened [batch * seq, w]) -> the valid rows, converted and copied
+        # into their shards' buffers in one pass
+        rows = t.reshape(-1, t.shape[-1])
+        if keep_rows is not None:
+            rows = rows.index_select(0, keep_rows)
+        for bufs, src, dst, n in segments:
+            fmt.encode(rows[src:src + n], cfg.dtype, where=f"site {site} layer {layer}", out=bufs[site][layer, dst:dst + n])
 
-    def flush(final: bool) -> None:
-        nonlocal buffered, shard_k
-        while buffered >= T or (final and buffered > 0):
-            n = min(T, buffered)
-            blocks = {}
-            for s in cfg.sites:
-                cat = np.concatenate(buf[s], axis=1) if len(buf[s]) > 1 else buf[s][0]
-                blocks[s], rest = np.ascontiguousarray(cat[:, :n]), cat[:, n:]
-                buf[s] = [rest] if rest.shape[1] else []
+    def ship(upto: int) -> None:
+        """Hand every shard whose tokens all lie before ``upto`` to the writer, in order."""
+        for k in sorted(filling):
+            n = min(T, n_tokens - k * T)
+            if k * T + n > upto:
+                break
+            bufs = filling.pop(k)
             rows = {c: v[:n] for c, v in buf_rows.items()}
             for c in buf_rows:
                 buf_rows[c] = buf_rows[c][n:]
-            writer.put((shard_k, shard_k * T, blocks, _typed_rows(rows)))
-            shard_k += 1
-            buffered -= n
+            blocks, typed = {s: bufs[s][:, :n] for s in cfg.sites}, _typed_rows(rows)
+            # between forward passes, not on the writer: beside the forward pass, extra CPU work costs
+            # about twice its time, as the forward's OpenMP threads spin at barriers (BENCHMARKS.md)
+            extra = on_shard(k, blocks, typed)
+            writer.put((k, k * T, blocks, typed, bufs, extra))
 
+    if warm is not None:
+        warm.join()
+    # The model, tokenizer and libraries are millions of long-lived objects; the cyclic GC would scan
+    # them on every full collection the loop's allocations trigger (~8% of collection CPU, measured).
+    gc.freeze()
     forward_s = 0.0
     t_loop = time.perf_counter()
     bar = _progress(progress, n_tokens, start_token, f"{resolved.name} × {corpus.name}")
@@ -406,21 +482,25 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
         with SiteRecorder(arch, cfg.sites, sink) as rec:
             for batch in _batches(windows, cfg.batch_size):
                 batch_tokens = sum(len(w.token_ids) for w in batch)
-                if token_cursor + batch_tokens <= start_token:
-                    token_cursor += batch_tokens
+                lo, hi = max(token_cursor, start_token), token_cursor + batch_tokens
+                if hi <= start_token:
+                    token_cursor = hi
                     continue
-                captured.update({s: [None] * len(arch.layers) for s in cfg.sites})
+                segments = []
+                for k in range(lo // T, (hi - 1) // T + 1):
+                    if k not in filling:
+                        filling[k] = pool.take()
+                    first, last = max(lo, k * T), min(hi, (k + 1) * T)
+                    segments.append((filling[k], first - token_cursor, first - k * T, last - first))
                 t0 = time.perf_counter()
                 rec.reset_counts()
                 ids, attn = _batch_tensors(batch, pad_id)
                 # attention-mask positions, never `ids != pad_id` (pitfall P3)
-                valid_mask = attn.bool()
+                valid = attn.reshape(-1).bool()
+                keep_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
                 _forward_batch(model, ids, attn)
                 rec.check_fired(1)
                 forward_s += time.perf_counter() - t0
-                skip = max(0, start_token - token_cursor)  # only in the batch that straddles the resume point
-                for s in cfg.sites:
-                    buf[s].append(np.stack(captured[s])[:, skip:])
                 for w in batch:
                     n = len(w.token_ids)
                     buf_rows["token_index"].extend(range(token_cursor, token_cursor + n))
@@ -431,17 +511,17 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
                     buf_rows["document_id"].extend([w.doc_id] * n)
                     buf_rows["special"].extend((w.special | np.isin(w.token_ids, list(special_ids))).tolist())
                     token_cursor += n
+                skip = lo - (hi - batch_tokens)  # only in the batch that straddles the resume point
                 if skip:
                     for c in buf_rows:
                         buf_rows[c] = buf_rows[c][skip:]
-                buffered += batch_tokens - skip
-                flush(final=False)
-                bar.advance(batch_tokens - skip)
-            flush(final=True)
+                ship(hi)
+                bar.advance(hi - lo)
     finally:
         writer.q.put(None)
         writer.join()
         bar.close()
+        gc.unfreeze()
     writer.raise_if_failed()
     loop_s = time.perf_counter() - t_loop
 

@@ -68,21 +68,26 @@ def content_hash(obj: Any, n: int = 16) -> str:
 # ---------------------------------------------------------------- dtypes (pitfalls P5, P6)
 
 
-def encode(t, dtype: str, *, where: str = "") -> np.ndarray:
+def encode(t, dtype: str, *, where: str = "", out: np.ndarray | None = None) -> np.ndarray:
     """Convert a float tensor to the stored numpy representation.
 
     Args:
         t: torch tensor of any float dtype, any shape.
         dtype: ``bfloat16`` (returned as ``uint16`` bit patterns), ``float16`` or ``float32``.
         where: a label for the overflow error message (site and layer).
+        out: optional C-contiguous numpy array of ``numpy_dtype(dtype)`` and t's shape to write into;
+            conversion and copy are then one pass (torch rounds to nearest even, as ``Tensor.to``).
+
+    Returns:
+        ``out`` when given, else a new array.
 
     Raises:
         ActsparseError: ``float16`` requested and a finite value exceeds the float16 range.
     """
     import torch
 
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if dtype not in STORED_DTYPES:
+        raise ActsparseError(f"unknown stored dtype '{dtype}' (choose {', '.join(STORED_DTYPES)})")
     if dtype == "float16":
         peak = float(t.detach().abs().max()) if t.numel() else 0.0
         if peak > FLOAT16_MAX:
@@ -90,10 +95,11 @@ def encode(t, dtype: str, *, where: str = "") -> np.ndarray:
                 f"{where} has |x| up to {peak:.4g}, beyond float16's {FLOAT16_MAX:g}: "
                 "store as --dtype bfloat16 (lossless for bf16 models) or float32"
             )
-        return t.to(torch.float16).numpy()
-    if dtype == "float32":
-        return t.to(torch.float32).numpy()
-    raise ActsparseError(f"unknown stored dtype '{dtype}' (choose {', '.join(STORED_DTYPES)})")
+    if out is None:
+        out = np.empty(tuple(t.shape), dtype=numpy_dtype(dtype))
+    dst = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(out)
+    dst.copy_(t)
+    return out
 
 
 def numpy_dtype(dtype: str) -> str:

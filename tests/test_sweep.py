@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from actsparse.errors import ActsparseError
 from analyze.rules import DEFAULT_TOPP_GRID, rule_mask, topp_mask
-from analyze.sweep import kept_counts, kept_l1, linear_target_errors, sort_block, topp_kept_counts
+from analyze.sweep import (kept_counts, kept_l1, linear_target_errors, sort_block, sort_order, topp_histogram,
+                           topp_kept_counts)
 
 DTYPES = (torch.float32, torch.bfloat16)
 # Ties, zeros, huge and tiny magnitudes, and values that collapse to ties in bf16.
@@ -47,6 +48,47 @@ def heavy_block(tokens, width, dtype, seed):
 
 def mask_counts(rule, a, values, power=1.0):
     return torch.stack([rule_mask(rule, a, v, power=power).sum(-1) for v in values], dim=1)
+
+
+# ----------------------------------------------------------------------------- histogram path
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=blocks(), extra=st.lists(st.floats(0.0, 1.0), max_size=4))
+def test_topp_histogram_equals_the_sorted_sweep(a, extra):
+    """bf16 blocks (and float32 holding bf16 values) give the sort path's counts and kept L1 exactly."""
+    grid = list(DEFAULT_TOPP_GRID) + extra
+    for block in (a.to(torch.bfloat16), a.to(torch.bfloat16).float()):
+        got = topp_histogram(block, grid)
+        assert got is not None
+        sb = sort_block(block)
+        counts = topp_kept_counts(sb, grid)
+        assert torch.equal(got[0], counts)
+        # kept mass: summed by groups of equal-exponent values, so equal up to float64 rounding
+        torch.testing.assert_close(got[1], kept_l1(sb, counts), rtol=1e-12, atol=0)
+        assert torch.equal(got[0], mask_counts("top-p", block, grid))
+
+
+def test_topp_histogram_on_heavy_blocks_and_float16():
+    for dtype in (torch.bfloat16, torch.float16):
+        a = heavy_block(64, 1536, dtype, seed=3)
+        got = topp_histogram(a, DEFAULT_TOPP_GRID)
+        sb = sort_block(a)
+        assert torch.equal(got[0], topp_kept_counts(sb, DEFAULT_TOPP_GRID))
+        torch.testing.assert_close(got[1], kept_l1(sb, got[0]), rtol=1e-12, atol=0)
+    assert topp_histogram(torch.randn(4, 8), [0.5]) is None  # float32 that is not bf16: needs the sort
+    with pytest.raises(ActsparseError, match="NaN"):
+        topp_histogram(torch.tensor([[1.0, math.nan]], dtype=torch.bfloat16), [0.5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sort_order_is_a_descending_permutation(dtype):
+    a = heavy_block(16, 300, dtype, seed=4).abs()
+    for block in (a, a.to(torch.bfloat16).float()):  # the second takes the radix path
+        order = sort_order(block)
+        assert torch.equal(order.sort(dim=1).values, torch.arange(300).expand(16, 300))
+        ranked = block.gather(1, order)
+        assert (ranked[:, :-1] >= ranked[:, 1:]).all()
 
 
 # ----------------------------------------------------------------------------- kept counts
@@ -166,7 +208,7 @@ def test_intermediate_target_errors_match_brute_force(dtype):
     w_down = (torch.randn(24, 96, generator=torch.Generator().manual_seed(7)) / 10).to(dtype)
     sb = sort_block(h)
     counts = topp_kept_counts(sb, DEFAULT_TOPP_GRID)
-    got = linear_target_errors(h, sb, counts, w_down)
+    got = linear_target_errors(h, sb.order, counts, w_down)
     ref = brute_force(h, [topp_mask(h, p) for p in DEFAULT_TOPP_GRID], w_down)
     assert_errors_close(got, ref)
     assert (got["rel_err"][0] == 0).all() and (got["cos"][0] == 1).all()  # all-zero token
@@ -180,7 +222,7 @@ def test_gate_target_ranks_by_another_tensor():
     w_down = torch.randn(20, 80, generator=gen) / 9
     grid = [0.99, 0.5, 0.9, 0.0, 1.0]  # unsorted on purpose
     sb = sort_block(g)
-    got = linear_target_errors(h, sb, topp_kept_counts(sb, grid), w_down)
+    got = linear_target_errors(h, sb.order, topp_kept_counts(sb, grid), w_down)
     assert_errors_close(got, brute_force(h, [topp_mask(g, p) for p in grid], w_down))
 
 
@@ -200,7 +242,7 @@ def test_arbitrary_counts_including_nothing_and_everything_kept():
     w_down = torch.randn(16, 40, generator=gen)
     sb = sort_block(h)
     counts = torch.stack([torch.zeros(12, dtype=torch.int64), torch.full((12,), 40), torch.randint(0, 41, (12,), generator=gen)], dim=1)
-    got = linear_target_errors(h, sb, counts, w_down)
+    got = linear_target_errors(h, sb.order, counts, w_down)
     assert_errors_close(got, brute_force(h, prefix_masks(sb, counts), w_down))
     assert torch.equal(got["rel_err"][:, 1], torch.zeros(12, dtype=torch.float64))  # nothing dropped
     assert torch.equal(got["cos"][:, 0], torch.zeros(12, dtype=torch.float64))  # everything dropped
@@ -216,10 +258,10 @@ def test_given_y_is_the_reference_output():
     # everything is dropped it is only the rounding difference between y and W_down @ h.
     counts = torch.stack([torch.full((12,), 40), torch.randint(1, 41, (12,), generator=gen), torch.ones(12, dtype=torch.int64)], dim=1)
     y = h.double() @ w_down.double().T
-    got = linear_target_errors(h, sb, counts, w_down, y=y)
+    got = linear_target_errors(h, sb.order, counts, w_down, y=y)
     assert_errors_close(got, brute_force(h, prefix_masks(sb, counts), w_down, y=y))
     # A y that is not W_down @ h shows up in ||y|| and in cos, not in ||D||.
-    off = linear_target_errors(h, sb, counts, w_down, y=2 * y)
+    off = linear_target_errors(h, sb.order, counts, w_down, y=2 * y)
     torch.testing.assert_close(off["dropped_norm"], got["dropped_norm"])
     torch.testing.assert_close(off["y_norm"], 2 * got["y_norm"])
 
@@ -231,7 +273,7 @@ def test_zero_output_conventions():
     h = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     sb = sort_block(h)
     counts = torch.tensor([[1, 3], [1, 3]])
-    got = linear_target_errors(h, sb, counts, w_down)
+    got = linear_target_errors(h, sb.order, counts, w_down)
     assert got["rel_err"].tolist() == [[math.inf, 0.0], [0.0, 0.0]]
     assert got["cos"].tolist() == [[0.0, 1.0], [1.0, 1.0]]
 
@@ -241,10 +283,10 @@ def test_linear_target_errors_rejects_bad_shapes():
     sb = sort_block(h)
     counts = topp_kept_counts(sb, [0.5])
     with pytest.raises(ActsparseError):
-        linear_target_errors(h, sb, counts, torch.randn(3, 5))
+        linear_target_errors(h, sb.order, counts, torch.randn(3, 5))
     with pytest.raises(ActsparseError):
-        linear_target_errors(h[:3], sb, counts, torch.randn(3, 6))
+        linear_target_errors(h[:3], sb.order, counts, torch.randn(3, 6))
     with pytest.raises(ActsparseError):
-        linear_target_errors(h, sb, counts + 7, torch.randn(3, 6))
+        linear_target_errors(h, sb.order, counts + 7, torch.randn(3, 6))
     with pytest.raises(ActsparseError):
-        linear_target_errors(h, sb, counts, torch.randn(3, 6), y=torch.randn(4, 2))
+        linear_target_errors(h, sb.order, counts, torch.randn(3, 6), y=torch.randn(4, 2))
