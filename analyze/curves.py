@@ -58,6 +58,9 @@ DEFAULT_TOLERANCE = 0.1
 # above the exact value), or 0 below 1e-6.
 _ERR_BINS = np.logspace(-6, 2, 801)
 WORKERS = 2  # blocks processed concurrently (one torch thread each)
+# Tokens per streamed block: four stored chunks per read, which zarr decodes concurrently (measured
+# 15-20% faster sweeps than one chunk per block on SmolLM2-135M); ~150 MB per block in flight.
+DEFAULT_BLOCK_TOKENS = 4096
 CALIBRATION_EVERY = 4  # threshold rule: every 4th window calibrates tau, the others are evaluated
 ANALYSIS_VERSION = 1
 
@@ -72,7 +75,7 @@ class CurveConfig:
     power: float = 1.0
     include_special: bool = False
     with_error: bool = True
-    block_tokens: int = 1024
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
 
     def grid(self, rule: str) -> tuple[float, ...]:
         return tuple(self.grids.get(rule) or DEFAULT_GRIDS[rule])
@@ -283,8 +286,9 @@ def _values_for(rule: str, grid: Sequence[float], taus: dict | None, key) -> lis
 
 
 def _ranked(sites: _Sites, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
-    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the descending
-    order int64 [T, W] of ``sites[site]`` [T, W] for every value of ``rule``'s grid.
+    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the ascending rank
+    order int64 [T, W] of ``sites[site]`` [T, W] (as ``sweep.linear_target_errors`` takes it) for
+    every value of ``rule``'s grid.
 
     Plain top-p on a site stored in 16 bits takes the histogram path (``sweep.topp_histogram`` on
     the stored values, no sort for the counts; a radix argsort when the order is needed);
@@ -297,10 +301,10 @@ def _ranked(sites: _Sites, site: str, rule: str, cfg: CurveConfig, taus: dict, k
         a = sites.native(site) if sites.stored(site) else sites[site]
         fast = S.topp_histogram(a, values)
         if fast is not None:
-            return *fast, (S.sort_order(a.abs()) if with_order else None)
+            return *fast, (S.sort_order(a.abs(), descending=False) if with_order else None)
     sb = S.sort_block(sites[site], power, with_order=with_order)
     counts = S.kept_counts(rule, sb, values)
-    return counts, S.kept_l1(sb, counts), sb.order
+    return counts, S.kept_l1(sb, counts), (sb.order.flip(-1) if with_order else None)
 
 
 def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: dict, layer: int,
@@ -399,7 +403,7 @@ class _one_torch_thread:
 
 def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] = ("intermediate",),
                    rules: Sequence[str] = ("top-p",), grids: dict | None = None, power: float = 1.0,
-                   include_special: bool = False, with_error: bool = True, block_tokens: int = 1024,
+                   include_special: bool = False, with_error: bool = True, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                    layers: Sequence[int] | None = None, use_cache: bool = True, progress=None):
     """Open-loop sparsity curves of one run, as a polars DataFrame (cached in the store as Parquet).
 

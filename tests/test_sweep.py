@@ -89,6 +89,8 @@ def test_sort_order_is_a_descending_permutation(dtype):
         assert torch.equal(order.sort(dim=1).values, torch.arange(300).expand(16, 300))
         ranked = block.gather(1, order)
         assert (ranked[:, :-1] >= ranked[:, 1:]).all()
+        ascending = block.gather(1, sort_order(block, descending=False))
+        assert torch.equal(ascending, ranked.flip(-1))
 
 
 # ----------------------------------------------------------------------------- kept counts
@@ -208,7 +210,7 @@ def test_intermediate_target_errors_match_brute_force(dtype):
     w_down = (torch.randn(24, 96, generator=torch.Generator().manual_seed(7)) / 10).to(dtype)
     sb = sort_block(h)
     counts = topp_kept_counts(sb, DEFAULT_TOPP_GRID)
-    got = linear_target_errors(h, sb.order, counts, w_down)
+    got = linear_target_errors(h, sb.order.flip(-1), counts, w_down)
     ref = brute_force(h, [topp_mask(h, p) for p in DEFAULT_TOPP_GRID], w_down)
     assert_errors_close(got, ref)
     assert (got["rel_err"][0] == 0).all() and (got["cos"][0] == 1).all()  # all-zero token
@@ -222,7 +224,7 @@ def test_gate_target_ranks_by_another_tensor():
     w_down = torch.randn(20, 80, generator=gen) / 9
     grid = [0.99, 0.5, 0.9, 0.0, 1.0]  # unsorted on purpose
     sb = sort_block(g)
-    got = linear_target_errors(h, sb.order, topp_kept_counts(sb, grid), w_down)
+    got = linear_target_errors(h, sb.order.flip(-1), topp_kept_counts(sb, grid), w_down)
     assert_errors_close(got, brute_force(h, [topp_mask(g, p) for p in grid], w_down))
 
 
@@ -242,7 +244,7 @@ def test_arbitrary_counts_including_nothing_and_everything_kept():
     w_down = torch.randn(16, 40, generator=gen)
     sb = sort_block(h)
     counts = torch.stack([torch.zeros(12, dtype=torch.int64), torch.full((12,), 40), torch.randint(0, 41, (12,), generator=gen)], dim=1)
-    got = linear_target_errors(h, sb.order, counts, w_down)
+    got = linear_target_errors(h, sb.order.flip(-1), counts, w_down)
     assert_errors_close(got, brute_force(h, prefix_masks(sb, counts), w_down))
     assert torch.equal(got["rel_err"][:, 1], torch.zeros(12, dtype=torch.float64))  # nothing dropped
     assert torch.equal(got["cos"][:, 0], torch.zeros(12, dtype=torch.float64))  # everything dropped
@@ -258,10 +260,10 @@ def test_given_y_is_the_reference_output():
     # everything is dropped it is only the rounding difference between y and W_down @ h.
     counts = torch.stack([torch.full((12,), 40), torch.randint(1, 41, (12,), generator=gen), torch.ones(12, dtype=torch.int64)], dim=1)
     y = h.double() @ w_down.double().T
-    got = linear_target_errors(h, sb.order, counts, w_down, y=y)
+    got = linear_target_errors(h, sb.order.flip(-1), counts, w_down, y=y)
     assert_errors_close(got, brute_force(h, prefix_masks(sb, counts), w_down, y=y))
     # A y that is not W_down @ h shows up in ||y|| and in cos, not in ||D||.
-    off = linear_target_errors(h, sb.order, counts, w_down, y=2 * y)
+    off = linear_target_errors(h, sb.order.flip(-1), counts, w_down, y=2 * y)
     torch.testing.assert_close(off["dropped_norm"], got["dropped_norm"])
     torch.testing.assert_close(off["y_norm"], 2 * got["y_norm"])
 
@@ -273,7 +275,7 @@ def test_zero_output_conventions():
     h = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     sb = sort_block(h)
     counts = torch.tensor([[1, 3], [1, 3]])
-    got = linear_target_errors(h, sb.order, counts, w_down)
+    got = linear_target_errors(h, sb.order.flip(-1), counts, w_down)
     assert got["rel_err"].tolist() == [[math.inf, 0.0], [0.0, 0.0]]
     assert got["cos"].tolist() == [[0.0, 1.0], [1.0, 1.0]]
 
@@ -283,10 +285,10 @@ def test_linear_target_errors_rejects_bad_shapes():
     sb = sort_block(h)
     counts = topp_kept_counts(sb, [0.5])
     with pytest.raises(ActsparseError):
-        linear_target_errors(h, sb.order, counts, torch.randn(3, 5))
+        linear_target_errors(h, sb.order.flip(-1), counts, torch.randn(3, 5))
     with pytest.raises(ActsparseError):
-        linear_target_errors(h[:3], sb.order, counts, torch.randn(3, 6))
+        linear_target_errors(h[:3], sb.order.flip(-1), counts, torch.randn(3, 6))
     with pytest.raises(ActsparseError):
-        linear_target_errors(h, sb.order, counts + 7, torch.randn(3, 6))
+        linear_target_errors(h, sb.order.flip(-1), counts + 7, torch.randn(3, 6))
     with pytest.raises(ActsparseError):
-        linear_target_errors(h, sb.order, counts, torch.randn(3, 6), y=torch.randn(4, 2))
+        linear_target_errors(h, sb.order.flip(-1), counts, torch.randn(3, 6), y=torch.randn(4, 2))
