@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from peak_rss import peak_rss_mib  # bench/, run as a script
 
 
 def make_store(path: str, tokens: int) -> str:
@@ -88,7 +89,7 @@ def sweep_child(store: str) -> None:
     from analyze.curves import compute_curves
 
     compute_curves(store, targets=("intermediate",), use_cache=False)
-    print(json.dumps(dict(maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+    print(json.dumps(dict(maxrss_mib=peak_rss_mib())))
 
 
 def main() -> None:

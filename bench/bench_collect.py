@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peak_rss import peak_rss_mib  # bench/, run as a script
 
 
 def forward_only(tokens: int, seq_len: int, batch_size: int) -> float:
@@ -39,19 +40,17 @@ def collect_child(store: str, tokens: int, seq_len: int, batch_size: int, stats:
 
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size)
     res = collect(cfg, store, progress=False, log=lambda m: None, on_shard=None if stats else (lambda *a: None))
-    print(json.dumps(res.manifest["stats"] | dict(n_tokens=res.n_tokens, arrays=res.manifest["arrays"])))
+    print(json.dumps(res.manifest["stats"] | dict(n_tokens=res.n_tokens, arrays=res.manifest["arrays"],
+                                                  peak_rss_mib=peak_rss_mib())))
 
 
 def run_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> tuple[dict, float]:
     """Collect in a fresh process; return its stats and its peak RSS in MiB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = subprocess.run([sys.executable, __file__, "--child", store, str(tokens), str(seq_len), str(batch_size),
                           str(stats)],
                          check=True, capture_output=True, text=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: measure the smaller run first.
-    assert peak >= before
-    return json.loads(out.stdout.strip().splitlines()[-1]), peak / 1024
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result, result["peak_rss_mib"]
 
 
 def main() -> None:
