@@ -1,9 +1,10 @@
 """Per-token statistics (Tier B of conventions.md §5): one Parquet row per (token, layer) and site.
 
 Dense activations stay in Zarr; these small summaries are what DuckDB and Polars query across a whole
-store (``actsparse sql``, ``actsparse query``). They are written by collection for every shard, on the
-writer thread (:func:`stats_writer`), and by ``actsparse index`` for runs collected before them
-(:func:`index_store`), as::
+store (``actsparse sql``, ``actsparse query``). Collection computes them for every shard between
+forward passes and its writer thread writes them (:func:`stats_writer`); ``actsparse index`` adds
+them to runs collected before them (:func:`index_store`). Stored 16-bit blocks go through the
+histogram kernel of ``analyze.bitstats`` (~2.5 ns per entry, no sort). They land as::
 
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet     (K: the shard, as tokens/part-K)
 
