@@ -6,7 +6,6 @@ non-zero exit status; no traceback reaches the user.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional

@@ -244,7 +244,7 @@ def seal(store: str | Path, run_ids: Iterable[str] | None = None, *, log: Callab
         ActsparseError: not a local store, unknown run, or a run is incomplete.
     """
     st = StoreReader(str(store))
-    if not _is_local(st.fs):
+    if not st.is_local:
         raise ActsparseError(f"--add-checksums writes into the store; {store} is not a local directory")
     root = Path(st.root)
     runs = [st.run(r) for r in run_ids] if run_ids else st.runs()
@@ -307,7 +307,7 @@ class _Verifier:
 
     def __init__(self, st: StoreReader, known: Digests | None = None):
         self.st, self.known = st, known or {}
-        self.local = _is_local(st.fs)
+        self.local = st.is_local
         self.report = VerifyReport(store=st.url)
 
     def problem(self, path: str, what: str) -> None:
@@ -593,7 +593,7 @@ def _listed_members(st: StoreReader, base: str, log: Callable[[str], None]) -> l
     members = [_Member(f"{base}/{CHECKSUMS}", hashlib.sha256(raw).hexdigest(), len(raw), data=raw)]
     members += [_Member(f"{base}/{rel}", sha, size, url=st.path(*base.split("/"), *rel.split("/")))
                 for rel, (sha, size) in listed.items()]
-    if _is_local(st.fs):
+    if st.is_local:
         files, _ = _local_tree(Path(st.path(*base.split("/"))))
         left = [r for r in files if r not in listed and r not in _UNLISTED]
         if left:
@@ -990,7 +990,7 @@ def merge(src: str, dst: str | Path, run_ids: Iterable[str] | None = None, *,
         raise ActsparseError(f"{src} has store format version {st.format_version}, this actsparse writes "
                              f"{fmt.FORMAT_VERSION}; refusing to mix formats")
     paths = fmt.create_store(dst)
-    if _is_local(st.fs) and Path(st.root).resolve() == paths.root.resolve():
+    if st.is_local and Path(st.root).resolve() == paths.root.resolve():
         raise ActsparseError(f"{src} and {dst} are the same store")
     if st.format_version != _store_version(paths.root):
         raise ActsparseError(f"{src} has store format version {st.format_version}, {dst} has "

@@ -137,12 +137,12 @@ class Store:
     """
 
     def __init__(self, path_or_url: str | Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None):
-        from pipeline.reader import StoreReader, _is_local
+        from pipeline.reader import StoreReader
 
         self.reader = StoreReader(str(path_or_url))
         self.url = self.reader.url
-        self.local = _is_local(self.reader.fs)
-        self.manifests = {rid: self.reader.manifest(rid) for rid in self.reader.run_ids()}
+        self.local = self.reader.is_local
+        self.manifests = self.reader.manifests()
         self._files = {t: self._discover(t) for t in ("tokens", "token_stats", *ANALYSIS_TABLES)}
         self._tmp = tempfile.mkdtemp(prefix="actsparse-duckdb-")
         self._con = None

@@ -29,7 +29,7 @@ import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -241,7 +241,9 @@ def _first_nonfinite(t: torch.Tensor) -> tuple[int, int] | None:
     """(token, feature) of the first NaN or inf in ``t`` [T, W], or None; 16-bit blocks are checked on
     their bit patterns (all exponent bits set), ~10x faster than ``torch.isfinite``."""
     if t.dtype in (torch.bfloat16, torch.float16):
-        inf_bits = 0x7F80 if t.dtype == torch.bfloat16 else 0x7C00
+        from analyze.bitstats import FORMATS
+
+        inf_bits = FORMATS[str(t.dtype).removeprefix("torch.")][2]
         mag = t.view(torch.int16).numpy().view(np.uint16) & np.uint16(0x7FFF)
         if not mag.size or mag.max() < inf_bits:
             return None

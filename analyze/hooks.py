@@ -70,6 +70,8 @@ def _sort_rows(bits: np.ndarray) -> np.ndarray:
         comp.sort(axis=-1)
     else:
         if _pool is None or _pool_size < n_threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="actsparse-sort"), n_threads
         parts = np.array_split(np.arange(len(bits)), n_threads)
         list(_pool.map(lambda idx: comp[idx[0]:idx[-1] + 1].sort(axis=-1), parts))

@@ -266,10 +266,10 @@ def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
             disk error (read-only filesystem, disk full).
     """
     from actsparse.share import update_checksums
-    from pipeline.reader import StoreReader, _is_local
+    from pipeline.reader import StoreReader
 
     st = StoreReader(str(store))
-    if not _is_local(st.fs):
+    if not st.is_local:
         raise ActsparseError(f"index writes into the store; {store} is not a local directory")
     runs = [st.run(r) for r in run_refs] if run_refs else st.runs()
     done = {}

@@ -20,8 +20,6 @@ from peak_rss import peak_rss_mib  # bench/, run as a script
 
 def forward_only(tokens: int, seq_len: int, batch_size: int) -> float:
     """Seconds for the forward passes alone (no hooks, no writing) over the same batches as collection."""
-    import torch
-
     from pipeline.collect import CollectConfig, _batch_tensors, _batches, _forward_batch, plan
     from pipeline.models import load_model
 
@@ -68,6 +66,34 @@ def plain_writes(directory: str, n_bytes: int, file_bytes: int = 64 * 2**20) -> 
     return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
 
 
+def stats_paths(store: str) -> tuple[float, float, bool]:
+    """ns per entry of the per-token statistics on the stored bf16 blocks of every site and layer: the
+    histogram kernel collection uses, the sort path on the same values widened to float32, and whether
+    every statistic agrees (l2 to 1e-6: its float64 sum runs in another order)."""
+    import numpy as np
+
+    from analyze.token_stats import STAT_COLUMNS, _sorted_stats, token_stats
+    from pipeline.reader import StoreReader
+
+    run = StoreReader(store).run()
+    token_stats(run.read(run.sites[0], 0, 0, 2, to="native"))  # warm-up: numba's cached kernel
+    t_hist = t_sort = 0.0
+    n, same = 0, True
+    for site in run.sites:
+        for layer in range(run.n_layers):
+            block = run.read(site, layer, to="native")
+            t0 = time.perf_counter()
+            fast = token_stats(block)
+            t1 = time.perf_counter()
+            slow = _sorted_stats(block.float())
+            t_sort += time.perf_counter() - t1
+            t_hist += t1 - t0
+            n += block.numel()
+            same &= all(np.allclose(fast[c], slow[c], rtol=1e-6, equal_nan=True) if c == "l2"
+                        else np.array_equal(fast[c], slow[c], equal_nan=True) for c in STAT_COLUMNS)
+    return t_hist / n * 1e9, t_sort / n * 1e9, same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -87,6 +113,7 @@ def main() -> None:
         nostats, _ = run_child(f"{tmp}/s4k-nostats", a.tokens, a.seq_len, a.batch_size, stats=0)
         io_wall, io_sys = plain_writes(tmp, act_bytes)
         stats_big, rss_big = run_child(f"{tmp}/s32k", a.large, a.seq_len, a.batch_size)
+        ns_hist, ns_sort, same = stats_paths(f"{tmp}/s4k")
     n = stats["n_tokens"]
     print(f"SmolLM2-135M x wiki, sites input,gate,intermediate, bf16, seq_len {a.seq_len}, batch {a.batch_size}")
     print(f"forward-only      {n / fwd:8.0f} tok/s  ({fwd:.2f} s for {n} tokens)")
@@ -97,6 +124,8 @@ def main() -> None:
     print(f"bytes on disk per stored 16-bit value: {act_bytes / values:.3f}  (target <= 1.8)")
     print(f"plain writes of the same {act_bytes / 2**20:.0f} MiB to fresh files: {io_wall:.2f} s wall, {io_sys:.2f} s kernel "
           f"({io_wall / fwd:.2f} of the forward-only time)")
+    print(f"per-token statistics, one core: histogram kernel {ns_hist:.2f} ns/entry, sort path {ns_sort:.2f} ns/entry "
+          f"(x{ns_sort / ns_hist:.1f}); identical on every token, site and layer: {same}")
     print(f"peak RSS: {rss_small:.0f} MiB at {n} tokens, {rss_big:.0f} MiB at {stats_big['n_tokens']} tokens "
           f"(ratio {rss_big / rss_small:.2f}; target: independent of token count)")
 

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -361,8 +361,8 @@ def collect(cfg: CollectConfig, store: str | Path, *, progress: bool = True,
         ActsparseError: bad config, model, corpus or store; another writer holds this run; disk errors.
     """
     t_start = time.perf_counter()
+    resolved, tok, corpus, windows, run_id, identity = plan(cfg)  # bad input fails before the store exists
     paths = fmt.create_store(store)
-    resolved, tok, corpus, windows, run_id, identity = plan(cfg)
     run_dir = paths.run_dir(run_id)
     manifest_path = run_dir / fmt.MANIFEST
     n_tokens = sum(len(w.token_ids) for w in windows)
@@ -385,7 +385,6 @@ def collect(cfg: CollectConfig, store: str | Path, *, progress: bool = True,
 def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id, identity, n_tokens,
                     progress, on_shard, log, t_start) -> CollectResult:
     import pyarrow as pa
-    import torch
 
     warm = _warm_up_statistics() if on_shard is None else None
     model, _ = load_model(resolved, cfg.compute_dtype)
@@ -424,7 +423,6 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     start_token = min(done * T, n_tokens)
     if done:
         log(f"resuming run {run_id} at token {start_token} of {n_tokens}")
-    special_ids = set(tok.all_special_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     if on_shard is None:
@@ -509,7 +507,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
                     buf_rows["token_id"].extend(w.token_ids.tolist())
                     buf_rows["token_text"].extend(_token_texts(tok, w.token_ids))
                     buf_rows["document_id"].extend([w.doc_id] * n)
-                    buf_rows["special"].extend((w.special | np.isin(w.token_ids, list(special_ids))).tolist())
+                    buf_rows["special"].extend(w.special.tolist())  # BOS and tokenizer special ids (iter_windows)
                     token_cursor += n
                 skip = lo - (hi - batch_tokens)  # only in the batch that straddles the resume point
                 if skip:

@@ -245,14 +245,13 @@ def load_model(resolved: ResolvedModel, dtype: str = "float32"):
         ActsparseError: the checkpoint cannot be loaded by transformers.
     """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     kw = dict(trust_remote_code=resolved.trust_remote_code)
     try:
-        cfg = AutoConfig.from_pretrained(resolved.path, **kw)
         tok = AutoTokenizer.from_pretrained(resolved.path, **kw)
         try:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype, **kw)

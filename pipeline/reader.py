@@ -77,6 +77,8 @@ class StoreReader:
             meta = json.loads(self.fs.cat_file(marker))
         except FileNotFoundError:
             raise ActsparseError(f"{url} is not an actsparse store (no {fmt.STORE_FILE})") from None
+        except NotADirectoryError:
+            raise ActsparseError(f"store path {url} is a file, not a directory") from None
         except (OSError, ValueError) as e:
             raise ActsparseError(f"cannot read {marker}: {e}") from None
         if not isinstance(meta, dict):
@@ -142,14 +144,16 @@ class StoreReader:
         A listing of ``runs/`` (where the filesystem offers one) and the catalogue are combined, so a
         remote store served without directory listings still shows its complete runs.
         """
+        if include_incomplete and _is_local(self.fs):
+            return self.listed_run_ids()  # a local listing is authoritative: catalogue rows of deleted runs are stale
+        return list(self.manifests(include_incomplete=include_incomplete))
+
+    def manifests(self, *, include_incomplete: bool = False) -> dict[str, dict]:
+        """``{run id: manifest}`` of the runs (complete ones unless asked), in id order: one read per run."""
         listed = self.listed_run_ids()
-        ids = sorted(set(listed or ()) | set(self.catalogue_run_ids()))
-        if include_incomplete and listed is not None and _is_local(self.fs):
-            return listed  # a local listing is authoritative: catalogue rows of deleted runs are stale
-        status = {i: self.manifest(i, missing_ok=True).get("status") for i in ids}
-        if include_incomplete:
-            return [i for i in ids if status[i] is not None]
-        return [i for i in ids if status[i] == "complete"]
+        found = {i: self.manifest(i, missing_ok=True) for i in sorted(set(listed or ()) | set(self.catalogue_run_ids()))}
+        return {i: m for i, m in found.items()
+                if m.get("status") is not None and (include_incomplete or m["status"] == "complete")}
 
     def manifest(self, run_id: str, *, missing_ok: bool = False) -> dict:
         if not fmt.RUN_ID_RE.match(run_id):
@@ -178,7 +182,7 @@ class StoreReader:
         """
         ids = self.run_ids(include_incomplete=True)
         if ref is None:
-            complete = [i for i in ids if self.manifest(i, missing_ok=True).get("status") == "complete"]
+            complete = list(self.manifests())
             if len(complete) != 1:
                 raise ActsparseError(f"store holds {len(complete)} complete runs; choose one with --run ({', '.join(complete) or 'none'})")
             ref = complete[0]
@@ -193,7 +197,7 @@ class StoreReader:
         return Run(self, m)
 
     def runs(self) -> list["Run"]:
-        return [Run(self, self.manifest(i)) for i in self.run_ids()]
+        return [Run(self, m) for m in self.manifests().values()]
 
     @cached_property
     def async_fs(self):

@@ -226,7 +226,6 @@ def test_critical_crossing_on_a_synthetic_curve():
 def synthetic_windows(n_windows: int, seed: int = 0) -> pl.DataFrame:
     """Per-window sums for 4 grid values whose accuracy and NLL degrade with sparsity."""
     rng = np.random.default_rng(seed)
-    n_pred = np.full(n_windows, 50)
     dense_acc = rng.binomial(50, 0.5, n_windows)
     nll_dense = rng.gamma(20.0, 0.15, n_windows) * 50 / 3
     rows = []
@@ -239,7 +238,6 @@ def synthetic_windows(n_windows: int, seed: int = 0) -> pl.DataFrame:
                              nll_dense=nll_dense[i], correct_sparse=int(dense_acc[i] - lost[i]),
                              correct_dense=int(dense_acc[i]), kl=dnll * 40.0, hook_sparse=[int(sparse[i]) // 2,
                                                                                             int(sparse[i]) // 2]))
-    assert n_pred.sum() == 50 * n_windows
     return pl.DataFrame(rows)
 
 
@@ -339,7 +337,6 @@ def test_evaluation_attached_to_a_run_and_proxy_check(f32_store, tiny_llama, tex
     proxy = proxy_check(store, res.run_id, "intermediate", "top-p")
     row = proxy.row(0, named=True)
     assert row["eval_id"] == eval_id and row["n_values"] == 4
-    assert -1.0 <= row["spearman_err_dnll"] <= 1.0 or math.isnan(row["spearman_err_dnll"])
     r = run_cli("proxy", str(store), "--run", res.run_id)
     assert r.returncode == 0 and eval_id[:6] in r.stdout, r.stderr
 

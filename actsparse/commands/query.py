@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from actsparse.commands.sql import FORMAT_HELP, MAX_ROWS_HELP, MEMORY_HELP, OUT_HELP, emit, open_store
+from actsparse.commands.sql import (FormatOption, MaxRowsOption, MemoryOption, OutOption, ThreadsOption, emit,
+                                    open_store)
 from actsparse.errors import ActsparseError
 
 
@@ -25,11 +25,11 @@ def query(
     name: str = typer.Argument(..., help="a named query, or 'list' to show them all"),
     store: Optional[str] = typer.Argument(None, help="store path or URL"),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="NAME=VALUE (repeatable)"),
-    format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
-    memory_limit: str = typer.Option("2GB", help=MEMORY_HELP),
-    threads: Optional[int] = typer.Option(None, help="DuckDB threads (default: CPUs, at most 4)"),
-    max_rows: int = typer.Option(50, help=MAX_ROWS_HELP),
+    format: FormatOption = "table",
+    out: OutOption = None,
+    memory_limit: MemoryOption = "2GB",
+    threads: ThreadsOption = None,
+    max_rows: MaxRowsOption = 50,
 ) -> None:
     """Run a named query (`actsparse query list` shows each one's purpose and parameters)."""
     from queries import get, load

@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from actsparse.errors import ActsparseError
 
 FORMATS = ("table", "csv", "json", "parquet")
-FORMAT_HELP = "output format: table | csv | json | parquet (parquet needs --out)"
-OUT_HELP = "write the result to this file instead of stdout (never inside the store)"
-MEMORY_HELP = "DuckDB memory limit; larger intermediate results spill to a temporary directory outside the store"
-MAX_ROWS_HELP = "rows shown by --format table (csv, json and parquet hold every row)"
+# The output and DuckDB options ``sql`` and ``query`` share (defaults stay in each signature).
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="output format: table | csv | json | parquet "
+                                                                  "(parquet needs --out)")]
+OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", help="write the result to this file instead of "
+                                                                        "stdout (never inside the store)")]
+MemoryOption = Annotated[str, typer.Option(help="DuckDB memory limit; larger intermediate results spill to a "
+                                                "temporary directory outside the store")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="DuckDB threads (default: CPUs, at most 4)")]
+MaxRowsOption = Annotated[int, typer.Option(help="rows shown by --format table (csv, json and parquet hold every row)")]
 
 
 def open_store(store: str, memory_limit: str, threads: Optional[int]):
@@ -89,11 +94,11 @@ def sql(
     store: str = typer.Argument(..., help="store path or URL (file://, http(s)://, s3://)"),
     query: str = typer.Argument(..., help="one SELECT over the tables runs, layers, tokens, token_stats, curves, "
                                           "critical_sparsity, evaluations"),
-    format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
-    memory_limit: str = typer.Option("2GB", help=MEMORY_HELP),
-    threads: Optional[int] = typer.Option(None, help="DuckDB threads (default: CPUs, at most 4)"),
-    max_rows: int = typer.Option(50, help=MAX_ROWS_HELP),
+    format: FormatOption = "table",
+    out: OutOption = None,
+    memory_limit: MemoryOption = "2GB",
+    threads: ThreadsOption = None,
+    max_rows: MaxRowsOption = 50,
 ) -> None:
     """Run one read-only SQL query (DuckDB) over every complete run of a store."""
     with open_store(store, memory_limit, threads) as st:
