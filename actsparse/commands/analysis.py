@@ -30,7 +30,7 @@ def curves(
     grid: Optional[str] = typer.Option(None, help="comma-separated values (default: the paper's 26 top-p values)"),
     power: float = typer.Option(1.0, help="top-p power q >= 1 (rule applied to |a|^q)"),
     include_special: bool = typer.Option(False, help="count BOS/special tokens (excluded by default)"),
-    tolerance: float = typer.Option(None, help="relative FFN-output error bound for offline critical sparsity"),
+    tolerance: float = typer.Option(None, help="relative FFN-output error bound for offline critical sparsity (default: 0.1)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute even if the result is in the store"),
     all_rows: bool = typer.Option(False, "--all", help="print every grid value, not a subset"),
 ) -> None:

@@ -54,7 +54,7 @@ def evaluate(
     text_field: Optional[str] = typer.Option(None, help="jsonl field / parquet column with the text"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint"),
     boot: int = typer.Option(200, help="bootstrap resamples of windows for the intervals"),
-    tolerance: Optional[float] = typer.Option(None, help="offline error bound for the proxy check (default: analyze.curves')"),
+    tolerance: Optional[float] = typer.Option(None, help="offline error bound for the proxy check (default: 0.1, as curves)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
@@ -99,7 +99,7 @@ def proxy(
     run: Optional[str] = typer.Option(None, "--run", "-r", help="run id or prefix (default: the only run)"),
     target: Optional[str] = typer.Option(None, help="only evaluations of this target"),
     rule: Optional[str] = typer.Option(None, help="only evaluations of this rule"),
-    tolerance: Optional[float] = typer.Option(None, help="offline error bound (default: analyze.curves')"),
+    tolerance: Optional[float] = typer.Option(None, help="offline error bound (default: 0.1, as curves)"),
 ) -> None:
     """Compare offline (open-loop) critical sparsity with the stored closed-loop evaluations of a run."""
     from analyze.evaluate import proxy_check
