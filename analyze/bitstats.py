@@ -81,8 +81,10 @@ def _total(gcnt, gsum, scale, gshift, minb, maxb):  # pragma: no cover - compile
 
 
 @numba.njit(nogil=True, cache=True)
-def _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kept_out, mass_out):  # pragma: no cover
-    """Top-p kept counts and kept L1 mass of one token for ascending ``topp`` (paper.md §1.2).
+def _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kept_out, mass_out,
+               thr_out):  # pragma: no cover - compiled
+    """Top-p kept counts, kept L1 mass and threshold pattern (the smallest kept magnitude pattern) of
+    one token for ascending ``topp`` (paper.md §1.2).
 
     Walks the groups from the largest value down with a float64 running sum; in a group where a
     target ``total * p`` is reached, pattern by pattern: the first pattern whose running sum reaches
@@ -108,6 +110,7 @@ def _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kep
                     while q < n_p and run >= total * topp[q]:
                         kept_out[q] = kept
                         mass_out[q] = run
+                        thr_out[q] = b
                         q += 1
         else:
             run += mass
@@ -115,6 +118,7 @@ def _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kep
     while q < n_p:  # target never reached (rounding): the authors' fallback keeps the maximum and its ties
         kept_out[q] = cnt[maxb]
         mass_out[q] = cnt[maxb] * sig[maxb] * scale[(maxb >> _GROUP_BITS) >> gshift]
+        thr_out[q] = maxb
         q += 1
 
 
@@ -132,6 +136,7 @@ def _stats_kernel(bits, mant, inf_bits, scale, below_bits, topp, out):  # pragma
     n_p = topp.shape[0]
     kept = np.empty(n_p, np.int64)
     mass = np.empty(n_p)
+    thr = np.empty(n_p, np.int32)
     for i in range(T):
         minb, maxb = _histogram(bits[i], sig, cnt, gcnt, gsum, gsq, True)
         gmin = minb >> _GROUP_BITS
@@ -168,15 +173,16 @@ def _stats_kernel(bits, mant, inf_bits, scale, below_bits, topp, out):  # pragma
             out[i, 1] = math.sqrt(sq)
             out[i, 2] = vmax
             out[i, 3] = vmax / total if total > 0 else np.nan
-            _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kept, mass)
+            _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kept, mass, thr)
             for q in range(n_p):
                 out[i, 4 + n_below + q] = 1.0 - kept[q] / W
         _clear(cnt, gcnt, gsum, gsq, minb, maxb)
 
 
 @numba.njit(nogil=True, cache=True)
-def _topp_kernel(bits, mant, inf_bits, scale, topp, counts, kept_l1):  # pragma: no cover - compiled
-    """Fill ``counts`` int64 and ``kept_l1`` float64 [T, len(topp)] for ``bits`` [T, W] uint16.
+def _topp_kernel(bits, mant, inf_bits, scale, topp, counts, kept_l1, thr):  # pragma: no cover - compiled
+    """Fill ``counts`` int64, ``kept_l1`` float64 and ``thr`` int32 (threshold patterns) [T, len(topp)]
+    for ``bits`` [T, W] uint16.
 
     Returns the index of the first token holding a NaN, or -1.
     """
@@ -194,13 +200,56 @@ def _topp_kernel(bits, mant, inf_bits, scale, topp, counts, kept_l1):  # pragma:
             for q in range(n_p):
                 counts[i, q] = n_inf
                 kept_l1[i, q] = np.nan
+                thr[i, q] = inf_bits
         else:
             total = _total(gcnt, gsum, scale, gshift, minb, maxb)
-            _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, counts[i], kept_l1[i])
+            _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, counts[i], kept_l1[i], thr[i])
             for q in range(n_p):  # kept mass -> kept fraction; an all-zero token loses nothing
                 kept_l1[i, q] = kept_l1[i, q] / total if total > 0 else 1.0
         _clear(cnt, gcnt, gsum, gsq, minb, maxb)
     return -1
+
+
+@numba.njit(nogil=True, cache=True)
+def _segment_kernel(bits, thr, counts, order):  # pragma: no cover - compiled
+    """Fill ``order`` int32 [T, W]: per token, entry indices from the lowest magnitude up, grouped
+    into the segments that the thresholds cut (a counting partition, no sort).
+
+    ``thr`` int32 [T, P] and ``counts`` int64 [T, P] are threshold patterns and kept counts as
+    ``_topp_kernel`` fills them: an entry with magnitude pattern b is kept at value q iff
+    ``b >= thr[t, q]`` (``counts[t, q]`` such entries), so its segment is the number of thresholds
+    <= b and the segments are the differences of the sorted kept counts (as
+    ``analyze.sweep.linear_target_errors`` cuts them).
+    """
+    T, W = bits.shape
+    n_p = thr.shape[1]
+    asc = np.empty(n_p, np.int32)
+    cnt = np.empty(n_p, np.int64)
+    mag = np.empty(W, np.int16)  # 16-bit lanes: twice the entries per vector compare
+    seg = np.empty(W, np.int16)  # n_p < 2^15 (checked by the caller)
+    pos = np.empty(n_p + 1, np.int64)
+    for t in range(T):
+        for q in range(n_p):  # insertion sort by threshold: those of ascending p descend, save where
+            v, c = thr[t, n_p - 1 - q], counts[t, n_p - 1 - q]  # rounding fell back to the maximum
+            k = q
+            while k > 0 and asc[k - 1] > v:
+                asc[k], cnt[k] = asc[k - 1], cnt[k - 1]
+                k -= 1
+            asc[k], cnt[k] = v, c
+        pos[0] = 0
+        for q in range(n_p):  # segment q + 1 starts after the W - count entries under threshold q
+            pos[q + 1] = W - cnt[q]
+        for j in range(W):
+            mag[j] = bits[t, j] & 0x7FFF
+            seg[j] = 0
+        for q in range(n_p):  # segment = number of thresholds <= b: branch-free, vectorised over entries
+            v = np.int16(asc[q])
+            for j in range(W):
+                seg[j] += mag[j] >= v
+        for j in range(W):
+            s = seg[j]
+            order[t, pos[s]] = j
+            pos[s] += 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,7 +305,7 @@ def bit_stats(bits: np.ndarray, dtype: str, thresholds, topp) -> np.ndarray:
     return out
 
 
-def topp_sweep(bits: np.ndarray, dtype: str, p_values) -> tuple[np.ndarray, np.ndarray]:
+def topp_sweep(bits: np.ndarray, dtype: str, p_values, *, with_order: bool = False):
     """Top-p kept counts and kept L1 fractions of a block of 16-bit float bit patterns, for a whole grid.
 
     The histogram counterpart of ``analyze.sweep.topp_kept_counts`` and ``kept_l1`` for power 1
@@ -267,27 +316,41 @@ def topp_sweep(bits: np.ndarray, dtype: str, p_values) -> tuple[np.ndarray, np.n
         bits: uint16 (or int16) [tokens, width] bit patterns of bfloat16 or float16 values.
         dtype: ``bfloat16`` or ``float16``.
         p_values: P top-p values in [0, 1], any order.
+        with_order: also return the rank order at the grain the errors need (a counting partition
+            by the thresholds found, no sort).
 
     Returns:
         ``(counts int64 [tokens, P], kept_l1 float64 [tokens, P])`` in the order of ``p_values``;
         kept_l1 is the kept share of sum |a| (1 for an all-zero token, NaN for a token holding inf).
+        With ``with_order``, a third item: int32 [tokens, width], per token the entry indices from
+        the smallest magnitude up, in any order within each segment that the kept counts cut (as
+        ``analyze.sweep.linear_target_errors`` takes it).
 
     Raises:
-        ValueError: an unknown ``dtype`` or a block that is not 2-D.
+        ValueError: an unknown ``dtype``, a block that is not 2-D, or 32,767 or more grid values
+            with ``with_order``.
         ActsparseError: a token holds NaN (as ``analyze.sweep.sort_block``).
     """
     from actsparse.errors import ActsparseError
 
     bits = _as_bits(bits, dtype)
     p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    if with_order and len(p) >= 0x7FFF:  # the partition counts segments in 16 bits
+        raise ValueError(f"a rank order needs fewer than {0x7FFF} grid values, got {len(p)}")
     order = np.argsort(p, kind="stable")
     mant, inf_bits, scale, _ = _format_tables(dtype, ())
     counts = np.zeros((bits.shape[0], len(p)), np.int64)
     kept = np.zeros((bits.shape[0], len(p)))
+    thr = np.zeros((bits.shape[0], len(p)), np.int32)
     if bits.shape[1] and len(p):
-        bad = _topp_kernel(bits, mant, inf_bits, scale, p[order], counts, kept)
+        bad = _topp_kernel(bits, mant, inf_bits, scale, p[order], counts, kept, thr)
         if bad >= 0:
             raise ActsparseError(f"token {bad} of a block of {bits.shape[0]} contains NaN activations")
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    return counts[:, inverse], kept[:, inverse]
+    if not with_order:
+        return counts[:, inverse], kept[:, inverse]
+    ranks = np.empty(bits.shape, np.int32)
+    if bits.size:
+        _segment_kernel(bits, thr, counts, ranks)
+    return counts[:, inverse], kept[:, inverse], ranks

@@ -179,7 +179,7 @@ class _Sites:
     """Blocks of one layer: stored sites (in their stored dtype, or as float32), or float32 tensors
     recomputed from ``input`` and the weights."""
 
-    def __init__(self, run, layer: int, start: int, stop: int, keep: torch.Tensor | None, weights: dict):
+    def __init__(self, run, layer: int, start: int, stop: int, keep: torch.Tensor | None, weights):
         self.run, self.layer, self.start, self.stop, self.keep, self.w = run, layer, start, stop, keep, weights
         self.cache: dict[str, torch.Tensor] = {}
         self.natives: dict[str, torch.Tensor] = {}
@@ -291,11 +291,11 @@ def _values_for(rule: str, grid: Sequence[float], taus: dict | None, key) -> lis
 
 def _ranked(sites: _Sites, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
     """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the ascending rank
-    order int64 [T, W] of ``sites[site]`` [T, W] (as ``sweep.linear_target_errors`` takes it) for
-    every value of ``rule``'s grid.
+    order int64 or int32 [T, W] of ``sites[site]`` [T, W] (as ``sweep.linear_target_errors`` takes
+    it) for every value of ``rule``'s grid.
 
     Plain top-p on a site stored in 16 bits takes the histogram path (``sweep.topp_histogram`` on
-    the stored values, no sort for the counts; a radix argsort when the order is needed);
+    the stored values: no sort, the order is a counting partition by the thresholds found);
     everything else one ``sort_block`` of the float32 values (the thresholds of max-p and
     threshold are float32 ones).
     """
@@ -303,9 +303,9 @@ def _ranked(sites: _Sites, site: str, rule: str, cfg: CurveConfig, taus: dict, k
     values = _values_for(rule, cfg.grid(rule), taus, key)
     if rule == "top-p" and power == 1.0:
         a = sites.native(site) if sites.stored(site) else sites[site]
-        fast = S.topp_histogram(a, values)
+        fast = S.topp_histogram(a, values, with_order=with_order)
         if fast is not None:
-            return *fast, (S.sort_order(a.abs(), descending=False) if with_order else None)
+            return fast if with_order else (*fast, None)
     sb = S.sort_block(sites[site], power, with_order=with_order)
     counts = S.kept_counts(rule, sb, values)
     return counts, S.kept_l1(sb, counts), (sb.order.flip(-1) if with_order else None)
@@ -320,7 +320,9 @@ def _target_block(target: str, sites: _Sites, cfg: CurveConfig, w: dict, taus: d
         rank_site = {"intermediate": "intermediate", "gate": "act", "up": "up"}[target]
         for rule in cfg.rules:
             counts, kept, order = _ranked(sites, rank_site, rule, cfg, taus, (layer, target), with_order=cfg.with_error)
-            errs = S.linear_target_errors(sites["intermediate"], order, counts, w["down"]) if cfg.with_error else None
+            # the stored dtype when stored: widened block by block inside, not as a whole float32 copy
+            h = sites.native("intermediate") if sites.stored("intermediate") else sites["intermediate"]
+            errs = S.linear_target_errors(h, order, counts, w["down"]) if cfg.with_error else None
             emit((layer, target, rule), counts, kept, errs, x_norm)
         return
     if not cfg.with_error and target == "input":

@@ -15,7 +15,9 @@ whole grid of values (e.g. the paper's 26 top-p points, paper.md §3.3):
   matmul's time on CPU, against ~26x for one matmul per grid value).
 
 For plain top-p on 16-bit data, ``topp_histogram`` gives the same counts without a sort
-(``analyze.bitstats``); ``sort_order`` gives the rank order alone (radix argsort for 16-bit data).
+(``analyze.bitstats``), and with them the rank order at the grain the errors need (a counting
+partition by the thresholds found); ``sort_order`` gives a full rank order (radix argsort for
+16-bit data).
 
 All functions are pure and vectorised over tokens; the only Python loops run over grid
 values or fixed-size blocks of tokens / output features.
@@ -186,14 +188,16 @@ def topp_kept_counts(sb: SortedBlock, p_values) -> torch.Tensor:
     return _count_at_least(sb, sb.values.gather(1, idx))
 
 
-def topp_histogram(a: torch.Tensor, p_values) -> tuple[torch.Tensor, torch.Tensor] | None:
+def topp_histogram(a: torch.Tensor, p_values, *, with_order: bool = False) -> tuple | None:
     """Top-p (power 1) kept counts and kept L1 fractions without a sort, when ``a`` is 16-bit.
 
     a: [T, W] bfloat16 or float16, or float32 holding bfloat16 values (as stored blocks decode).
     Returns ``(counts int64 [T, P], kept_l1 float64 [T, P])``: the counts of ``topp_kept_counts``
     of ``sort_block(a)`` and its ``kept_l1`` up to float64 rounding (the mass is summed by groups
     of equal-exponent values; see ``analyze.bitstats``), ~5x faster; or None for other data,
-    which needs the sort.
+    which needs the sort. With ``with_order``, a third item: int32 [T, W] entry indices from the
+    smallest |a| up, in any order within the segments the counts cut: what
+    ``linear_target_errors`` needs, from a counting partition instead of a sort.
 
     Raises:
         ActsparseError: a grid value outside [0, 1], or a token holding NaN.
@@ -209,8 +213,7 @@ def topp_histogram(a: torch.Tensor, p_values) -> tuple[torch.Tensor, torch.Tenso
         bits, dtype = key, "bfloat16"
     else:
         return None
-    counts, kept = topp_sweep(bits, dtype, grid)
-    return torch.from_numpy(counts), torch.from_numpy(kept)
+    return tuple(torch.from_numpy(x) for x in topp_sweep(bits, dtype, grid, with_order=with_order))
 
 
 def kept_counts(rule: str, sb: SortedBlock, values) -> torch.Tensor:
@@ -320,6 +323,26 @@ def _segment_norms(seg, y, dropped_sq, kept_sq):  # pragma: no cover - compiled
             kept_sq[t, i] += sq
 
 
+@numba.njit(nogil=True, cache=True)
+def _take_rows(h, idx, out, shift):  # pragma: no cover - compiled
+    """``out[t, r] = h[t, idx[t, r]] << shift`` on bit patterns, for int32 idx [T, W] (torch.gather
+    wants int64): float32 into float32 (uint32, shift 0) or bfloat16 into float32 (uint16, shift 16)."""
+    for t in range(h.shape[0]):
+        for r in range(h.shape[1]):
+            out[t, r] = h[t, idx[t, r]] << shift
+
+
+def _gathered_f32(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """float32 [T, W] ``h[t, idx[t, r]]`` for int32 ``idx``; bfloat16 h is widened in the same pass."""
+    out = torch.empty(idx.shape, dtype=torch.float32)
+    if h.dtype == torch.bfloat16:
+        bits, shift = h.contiguous().view(torch.int16).numpy().view(np.uint16), 16
+    else:
+        bits, shift = h.float().contiguous().numpy().view(np.uint32), 0
+    _take_rows(bits, idx.numpy(), out.numpy().view(np.uint32), shift)
+    return out
+
+
 def linear_target_errors(
     h: torch.Tensor,
     ascending: torch.Tensor,
@@ -329,8 +352,8 @@ def linear_target_errors(
 ) -> dict[str, torch.Tensor]:
     """Output error of dropping entries of h before a linear map, for every grid value.
 
-    h: [T, W] values that feed the down projection (any float dtype); ascending: int64 [T, W]
-    entry indices from the lowest rank up (``SortedBlock.order`` flipped, or the order of
+    h: [T, W] values that feed the down projection (any float dtype); ascending: int64 or int32
+    [T, W] entry indices from the lowest rank up (``SortedBlock.order`` flipped, or the order of
     ``topp_histogram``; within one segment of the counts any order) — ranks of h itself
     (intermediate target) or of another tensor (gate target: ranks by |g|, drops h = u*g at
     those positions; paper.md §8); counts: [T, P] kept counts (the top of that order);
@@ -366,8 +389,8 @@ def linear_target_errors(
     if h.shape != (n_tok, width):
         raise ActsparseError(f"h must have the sorted block's shape {(n_tok, width)}, got {tuple(h.shape)}")
     _check_counts(counts, n_tok, width)
-    if ascending.dtype != torch.int64:
-        raise ActsparseError(f"ascending must be int64, got {ascending.dtype}")
+    if ascending.dtype not in (torch.int64, torch.int32):
+        raise ActsparseError(f"ascending must be int64 or int32, got {ascending.dtype}")
     if w_down.ndim != 2 or w_down.shape[1] != width:
         raise ActsparseError(f"w_down must be [d_model, {width}], got {tuple(w_down.shape)}")
     d_model = w_down.shape[0]
@@ -391,11 +414,10 @@ def linear_target_errors(
     for t0 in range(0, n_tok, block):
         t1 = min(n_tok, t0 + block)
         nb = t1 - t0
-        asc = ascending[t0:t1]
-        weights = h[t0:t1].gather(1, asc).float().reshape(-1)
         # int32 indices: FBGEMM's embedding-bag is ~6% faster with them than with int64
+        cols = ascending[t0:t1].to(torch.int32).contiguous()
+        weights, cols = _gathered_f32(h[t0:t1], cols).reshape(-1), cols.reshape(-1)
         offsets = (starts[t0:t1] + torch.arange(nb)[:, None] * width).reshape(-1).to(torch.int32)
-        cols = asc.reshape(-1).to(torch.int32)
         for j0, j1, wc in chunks:
             seg = F.embedding_bag(cols, wc, offsets, mode="sum", per_sample_weights=weights)
             yc = no_y if y is None else np.ascontiguousarray(y[t0:t1, j0:j1].float().numpy())

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from threading import Lock
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -286,11 +287,11 @@ class Run:
         wid = self.manifest["model"]["weights_id"]
         return zarr.open_group(self._zarr_store("models", wid, fmt.WEIGHTS), mode="r", zarr_format=3)
 
-    def weights(self, layer: int) -> dict:
-        """FFN weights of a layer (float32 torch tensors, nn.Linear ``[out, in]`` layout)."""
-        import torch
-
-        return {name: torch.from_numpy(np.asarray(self._weights[name][layer])) for name in self._weights.array_keys()}
+    def weights(self, layer: int) -> "LayerWeights":
+        """FFN weights of a layer: a read-only mapping of name (``gate``, ``up``, ``down``, biases) to a
+        float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
+        of the intermediate target needs ``down`` only, a sweep without error none)."""
+        return LayerWeights(self._weights, layer)
 
     @property
     def n_parts(self) -> int:
@@ -320,3 +321,33 @@ class Run:
     def special_mask(self) -> np.ndarray:
         """Bool ``[tokens]``: BOS and other special tokens (excluded from statistics by default)."""
         return self.tokens()["special"].to_numpy()
+
+
+class LayerWeights(Mapping):
+    """One layer's stored FFN weights, read lazily and kept: ``w["down"]`` is float32 ``[d_model, d_ff]``.
+
+    Thread-safe (analysis workers share one per layer); ``in``, ``get`` and iteration list the stored
+    names without reading anything.
+    """
+
+    def __init__(self, group, layer: int):
+        self._group, self._layer = group, layer
+        self._names = tuple(sorted(group.array_keys()))
+        self._loaded: dict = {}
+        self._lock = Lock()
+
+    def __getitem__(self, name: str):
+        import torch
+
+        with self._lock:
+            if name not in self._loaded:
+                if name not in self._names:
+                    raise KeyError(name)
+                self._loaded[name] = torch.from_numpy(np.asarray(self._group[name][self._layer]))
+            return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.bitstats import bit_stats
+from analyze.bitstats import bit_stats, topp_sweep
 from analyze.rules import topp_mask
 from analyze.token_stats import THRESHOLDS, TOPP_VALUES
 
@@ -67,3 +67,5 @@ def test_bit_stats_reject_bad_arguments():
         bit_stats(np.zeros((2, 2), np.uint16), "float32", [0.1], [0.5])
     with pytest.raises(ValueError, match="ascending"):
         bit_stats(np.zeros((2, 2), np.uint16), "bfloat16", [0.1], [0.9, 0.5])
+    with pytest.raises(ValueError, match="fewer than 32767 grid values"):
+        topp_sweep(np.zeros((1, 2), np.uint16), "bfloat16", np.linspace(0, 1, 0x7FFF), with_order=True)

@@ -71,7 +71,11 @@ def test_run_layout_tokens_and_arrays(tiny_llama, text_corpus, tmp_path):
         torch.testing.assert_close(stored, fresh.to(torch.bfloat16).float(), rtol=0, atol=0)
     # stored weights are the model's weights
     w = run.weights(1)
-    torch.testing.assert_close(w["down"], model.model.layers[1].mlp.down_proj.weight.detach())
+    assert sorted(w) == ["down", "gate", "up"] and "up" in w and w.get("down_bias") is None
+    mlp = model.model.layers[1].mlp
+    for name, module in (("down", mlp.down_proj), ("gate", mlp.gate_proj), ("up", mlp.up_proj)):
+        torch.testing.assert_close(w[name], module.weight.detach())
+    assert w["down"] is w["down"]  # read once, then kept
 
 
 def test_float16_overflow_is_refused(tiny_llama, text_corpus, tmp_path):

@@ -67,6 +67,18 @@ def test_topp_histogram_equals_the_sorted_sweep(a, extra):
         # kept mass: summed by groups of equal-exponent values, so equal up to float64 rounding
         torch.testing.assert_close(got[1], kept_l1(sb, counts), rtol=1e-12, atol=0)
         assert torch.equal(got[0], mask_counts("top-p", block, grid))
+        counts, _, order = topp_histogram(block, grid, with_order=True)
+        assert torch.equal(counts, got[0]) and order.dtype == torch.int32
+        assert_segment_order(order, counts, [topp_mask(block, p) for p in grid])
+
+
+def assert_segment_order(order, counts, keep_masks):
+    """``order`` is a permutation per token whose top counts[t, j] entries are exactly grid value j's kept set."""
+    n_tok, width = order.shape
+    assert torch.equal(order.long().sort(dim=1).values, torch.arange(width).expand(n_tok, width))
+    ranks = torch.empty_like(order, dtype=torch.int64).scatter_(1, order.long(), torch.arange(width).expand(n_tok, width))
+    for j, keep in enumerate(keep_masks):
+        assert torch.equal(ranks >= width - counts[:, j : j + 1], keep)
 
 
 def test_topp_histogram_on_heavy_blocks_and_float16():
@@ -76,6 +88,8 @@ def test_topp_histogram_on_heavy_blocks_and_float16():
         sb = sort_block(a)
         assert torch.equal(got[0], topp_kept_counts(sb, DEFAULT_TOPP_GRID))
         torch.testing.assert_close(got[1], kept_l1(sb, got[0]), rtol=1e-12, atol=0)
+        _, _, order = topp_histogram(a, DEFAULT_TOPP_GRID, with_order=True)
+        assert_segment_order(order, got[0], [topp_mask(a, p) for p in DEFAULT_TOPP_GRID])
     assert topp_histogram(torch.randn(4, 8), [0.5]) is None  # float32 that is not bf16: needs the sort
     with pytest.raises(ActsparseError, match="NaN"):
         topp_histogram(torch.tensor([[1.0, math.nan]], dtype=torch.bfloat16), [0.5])
@@ -214,6 +228,15 @@ def test_intermediate_target_errors_match_brute_force(dtype):
     ref = brute_force(h, [topp_mask(h, p) for p in DEFAULT_TOPP_GRID], w_down)
     assert_errors_close(got, ref)
     assert (got["rel_err"][0] == 0).all() and (got["cos"][0] == 1).all()  # all-zero token
+
+
+def test_errors_on_the_histogram_order_match_brute_force():
+    """The counting partition of topp_histogram (int32, any order within a segment) serves the errors."""
+    h = heavy_block(40, 96, torch.bfloat16, seed=12)
+    w_down = torch.randn(24, 96, generator=torch.Generator().manual_seed(13)) / 10
+    counts, _, order = topp_histogram(h, DEFAULT_TOPP_GRID, with_order=True)
+    got = linear_target_errors(h, order, counts, w_down)
+    assert_errors_close(got, brute_force(h, [topp_mask(h, p) for p in DEFAULT_TOPP_GRID], w_down))
 
 
 def test_gate_target_ranks_by_another_tensor():
