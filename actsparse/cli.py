@@ -51,7 +51,9 @@ def _fmt(v) -> str:
 def _sites(value: str | None):
     from pipeline.collect import DEFAULT_SITES
 
-    return DEFAULT_SITES if not value else tuple(s.strip() for s in value.split(",") if s.strip())
+    from actsparse.parsing import names
+
+    return names(value) or DEFAULT_SITES
 
 
 @models_app.command("list")

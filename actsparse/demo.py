@@ -18,13 +18,13 @@ Errors are one line (``error: ...``, exit status 2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from actsparse.errors import ActsparseError
+from actsparse.parsing import names, numbers
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 CORPUS = "wiki"
@@ -44,35 +44,23 @@ EVAL_SEQ_LEN = 128
 def _evaluated(st, run, cfg) -> bool:
     """Whether an evaluation of ``cfg`` is already stored with ``run`` with every grid value done.
 
-    Matches the identity ``analyze.evaluate`` records in ``evaluate-<id>/config.json``. Any field this
-    check does not know (a newer evaluation identity) makes it answer False, and ``evaluate`` then
-    decides (it resumes and skips finished values itself, only more slowly: it loads the corpus).
+    Looks up the summary of the ``eval_id`` that ``analyze.evaluate`` would compute (same identity,
+    from the run's weight and corpus hashes) without loading the model or the corpus; anything
+    unreadable answers False, and ``evaluate`` then decides (it resumes and skips finished values).
     """
     import polars as pl
-    import torch
-    import transformers
 
-    from analyze.evaluate import SPLIT
+    from analyze.evaluate import eval_identity
+    from pipeline.store import content_hash
 
-    manifest = run.manifest
-    expected = dict(kind="evaluate", weights_sha256=manifest["model"].get("weights_sha256"),
-                    corpus_sha256=manifest["corpus"].get("sha256"), split=SPLIT, target=cfg.target, rule=cfg.rule,
-                    power=cfg.power, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
-                    compute_dtype=cfg.compute_dtype, add_bos=True, torch=torch.__version__,
-                    transformers=transformers.__version__)
-    base = Path(st.root) / "runs" / run.run_id / "analysis"
-    for config in sorted(base.glob("evaluate-*/config.json")):
-        try:
-            identity = json.loads(config.read_text())["identity"]
-            known = set(identity) - {"version"}
-            if known != set(expected) or any(identity[k] != v for k, v in expected.items()):
-                continue
-            summary = pl.read_parquet(base / f"{config.parent.name}.parquet", columns=["value"])
-        except (OSError, ValueError, KeyError, TypeError, pl.exceptions.PolarsError):
-            continue
-        if set(cfg.values()) <= set(summary["value"].to_list()):
-            return True
-    return False
+    m = run.manifest
+    eval_id = content_hash(eval_identity(cfg, m["model"].get("weights_sha256"), m["corpus"].get("sha256")))
+    try:
+        summary = pl.read_parquet(Path(st.root) / "runs" / run.run_id / "analysis" / f"evaluate-{eval_id}.parquet",
+                                  columns=["value"])
+    except (OSError, pl.exceptions.PolarsError):
+        return False
+    return set(cfg.values()) <= set(summary["value"].to_list())
 
 
 def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: str = CORPUS, tokens: int = TOKENS,
@@ -154,17 +142,6 @@ def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: 
     return path
 
 
-def _names(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _grid(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in _names(value))
-    except ValueError:
-        raise ActsparseError(f"--eval-grid must be comma-separated numbers, got '{value}'") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``python -m actsparse.demo``); returns the exit status."""
     from rich.console import Console
@@ -188,10 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     console, err = Console(), Console(stderr=True, soft_wrap=True)
     try:
-        path = run_demo(args.store, args.out, models=[m.strip() for m in args.models.split(",") if m.strip()],
+        path = run_demo(args.store, args.out, models=list(names(args.models)),
                         corpus=args.corpus, tokens=args.tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
-                        eval_seq_len=args.eval_seq_len, eval_targets=_names(args.eval_targets),
-                        eval_grid=_grid(args.eval_grid), closed_loop=not args.no_eval, console=console)
+                        eval_seq_len=args.eval_seq_len, eval_targets=names(args.eval_targets),
+                        eval_grid=numbers(args.eval_grid, "--eval-grid"), closed_loop=not args.no_eval, console=console)
     except ActsparseError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return 2

@@ -465,14 +465,7 @@ def verify(store: str, run_ids: Iterable[str] | None = None) -> VerifyReport:
     ids = None
     if run_ids:
         known = st.run_ids(include_incomplete=True)
-        ids = []
-        for ref in run_ids:
-            matches = [i for i in known if i.startswith(ref)]
-            if len(matches) != 1:
-                raise ActsparseError(f"run '{ref}' {'is ambiguous' if matches else 'is not'} in {store} "
-                                     f"(runs: {', '.join(known) or 'none'})")
-            ids.append(matches[0])
-        ids = list(dict.fromkeys(ids))
+        ids = list(dict.fromkeys(fmt.match_run(ref, known, str(store)) for ref in run_ids))
     return _verify(st, ids)
 
 

@@ -395,11 +395,7 @@ class Store:
         Raises:
             ActsparseError: no run or several runs match.
         """
-        matches = [r for r in self.run_ids if r.startswith(str(ref))] if ref else []
-        if len(matches) != 1:
-            what = "is ambiguous" if matches else "matches no complete run"
-            raise ActsparseError(f"run '{ref}' {what} (runs: {', '.join(self.run_ids) or 'none'})")
-        return matches[0]
+        return fmt.match_run(ref, self.run_ids)
 
     def scan(self, table: str):
         """A polars LazyFrame over one table (file-backed tables are scanned lazily, not loaded).

@@ -394,6 +394,18 @@ def _value_name(v: float) -> str:
     return f"value-{float(v)!r}.parquet"
 
 
+def eval_identity(cfg: EvalConfig, weights_sha256: str, corpus_sha256: str) -> dict:
+    """What identifies an evaluation (its ``eval_id`` is the content hash of this dict): the model
+    weights' and corpus' sha256, every setting that changes a number, and the torch/transformers
+    versions. The grid is not part of it: values are added to an evaluation as they are computed."""
+    import transformers
+
+    return dict(kind="evaluate", version=EVAL_VERSION, weights_sha256=weights_sha256, corpus_sha256=corpus_sha256,
+                split=SPLIT, target=cfg.target, rule=cfg.rule, power=cfg.power, seq_len=cfg.seq_len,
+                max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, compute_dtype=cfg.compute_dtype, add_bos=True,
+                torch=torch.__version__, transformers=transformers.__version__)
+
+
 def _base_dir(store, run_id: str | None) -> Path:
     paths = fmt.create_store(store)
     if run_id is None:
@@ -462,8 +474,6 @@ def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None =
             ``MIN_TOKENS`` predicted tokens, a model or corpus that is not the run's, an unsupported
             model, non-finite logits, or another process evaluating the same config.
     """
-    import transformers
-
     from pipeline.corpora import iter_windows, open_corpus
     from pipeline.models import load_tokenizer, resolve_model
 
@@ -495,11 +505,7 @@ def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None =
         raise ActsparseError(f"the held-out split of corpus {cfg.corpus} gives {n_pred} predicted tokens "
                              f"({len(windows)} windows); closed-loop evaluation needs at least {MIN_TOKENS}")
 
-    identity = dict(kind="evaluate", version=EVAL_VERSION, weights_sha256=resolved.weights_sha256,
-                    corpus_sha256=corpus.sha256, split=SPLIT, target=cfg.target, rule=cfg.rule, power=cfg.power,
-                    seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
-                    compute_dtype=cfg.compute_dtype, add_bos=True, torch=torch.__version__,
-                    transformers=transformers.__version__)
+    identity = eval_identity(cfg, resolved.weights_sha256, corpus.sha256)
     eval_id = fmt.content_hash(identity)
     meta = dict(run_id=run_id, eval_id=eval_id, model=cfg.model, corpus=corpus.spec, split=SPLIT,
                 target=cfg.target, rule=cfg.rule, power=cfg.power)
@@ -545,7 +551,7 @@ def _run_values(cfg: EvalConfig, resolved, batches: list[_Batch], values: Sequen
 
     if not values:
         return [], hooks, []
-    model, _ = load_model(resolved, cfg.compute_dtype)
+    model = load_model(resolved, cfg.compute_dtype)
     arch = resolve_ffn(model)
     points = hook_points(arch, cfg.target)
     hooks = [dict(layer=p.layer, site=p.site, width=p.width) for p in points]

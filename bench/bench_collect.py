@@ -1,7 +1,8 @@
 """Collection benchmark: forward-only vs collection throughput, bytes on disk, peak RSS vs token count.
 
-Run with ``make bench-collect``. SmolLM2-135M on wiki with the default sites; both timings in one run,
-same windows and batches, same thread count.
+Run with ``make bench-collect``. SmolLM2-135M on wiki with the default sites; all timings in one run,
+same windows and batches, same thread count, in interleaved rounds (the best of each is reported, as
+``timeit`` does: the run least disturbed by the rest of the machine).
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ from pathlib import Path
 from peak_rss import peak_rss_mib  # bench/, run as a script
 
 
-def forward_only(tokens: int, seq_len: int, batch_size: int) -> float:
-    """Seconds for the forward passes alone (no hooks, no writing) over the same batches as collection."""
+def forward_only(tokens: int, seq_len: int, batch_size: int):
+    """A function timing the forward passes alone (no hooks, no writing) over the same batches as
+    collection, in seconds; the model is loaded once, and one batch runs untimed as a warm-up."""
     from pipeline.collect import CollectConfig, _batch_tensors, _batches, _forward_batch, plan
     from pipeline.models import load_model
 
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size)
     resolved, tok, _, windows, _, _ = plan(cfg)
-    model, _ = load_model(resolved)
+    model = load_model(resolved)
     batches = [_batch_tensors(b, tok.pad_token_id or 0) for b in _batches(windows, batch_size)]
-    _forward_batch(model, *batches[0])  # warm-up, excluded
-    t0 = time.perf_counter()
-    for ids, mask in batches:
-        _forward_batch(model, ids, mask)
-    return time.perf_counter() - t0
+    _forward_batch(model, *batches[0])
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for ids, mask in batches:
+            _forward_batch(model, ids, mask)
+        return time.perf_counter() - t0
+
+    return timed
 
 
 def collect_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> None:
@@ -100,33 +106,48 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
     if a.child:
         collect_child(a.child[0], *map(int, a.child[1:]))
         return
     with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
-        stats, rss_small = run_child(f"{tmp}/s4k", a.tokens, a.seq_len, a.batch_size)
-        fwd = forward_only(a.tokens, a.seq_len, a.batch_size)
+        # rounds interleave the three measurements, so that a slow spell of the machine hits all of them
+        timed_forward = forward_only(a.tokens, a.seq_len, a.batch_size)
+        fwd, coll, bare, rss4k = [], [], [], []
+        for r in range(a.rounds):
+            stats, rss = run_child(f"{tmp}/s4k-{r}", a.tokens, a.seq_len, a.batch_size)
+            rss4k.append(rss)
+            fwd.append(timed_forward())
+            nostats, _ = run_child(f"{tmp}/s4k-nostats-{r}", a.tokens, a.seq_len, a.batch_size, stats=0)
+            coll.append((stats["loop_s"], stats["write_s"]))
+            bare.append((nostats["loop_s"], nostats["write_s"]))
         values = sum(spec["shape"][0] * spec["shape"][1] * spec["shape"][2] for spec in stats["arrays"].values())
-        act_bytes = sum(p.stat().st_size for p in Path(tmp, "s4k").glob("runs/*/activations.zarr/**/*") if p.is_file())
-        nostats, _ = run_child(f"{tmp}/s4k-nostats", a.tokens, a.seq_len, a.batch_size, stats=0)
+        act_bytes = sum(p.stat().st_size for p in Path(tmp, "s4k-0").glob("runs/*/activations.zarr/**/*") if p.is_file())
         io_wall, io_sys = plain_writes(tmp, act_bytes)
         stats_big, rss_big = run_child(f"{tmp}/s32k", a.large, a.seq_len, a.batch_size)
-        ns_hist, ns_sort, same = stats_paths(f"{tmp}/s4k")
+        ns_hist, ns_sort, same = stats_paths(f"{tmp}/s4k-0")
     n = stats["n_tokens"]
-    print(f"SmolLM2-135M x wiki, sites input,gate,intermediate, bf16, seq_len {a.seq_len}, batch {a.batch_size}")
-    print(f"forward-only      {n / fwd:8.0f} tok/s  ({fwd:.2f} s for {n} tokens)")
-    print(f"collection        {n / stats['loop_s']:8.0f} tok/s  ({stats['loop_s']:.2f} s; writer busy {stats['write_s']:.2f} s)")
-    print(f"ratio collection/forward wall time: {stats['loop_s'] / fwd:.3f}  (target <= 1.3)")
-    print(f"collection without per-token stats {n / nostats['loop_s']:8.0f} tok/s  (ratio {nostats['loop_s'] / fwd:.3f}; "
-          f"writer busy {nostats['write_s']:.2f} s)")
+    f, (c, cw), (b, bw), rss_small = min(fwd), min(coll), min(bare), max(rss4k)
+
+    def each(xs) -> str:
+        return ", ".join(f"{x:.2f}" for x in xs)
+
+    print(f"SmolLM2-135M x wiki, sites input,gate,intermediate, bf16, seq_len {a.seq_len}, batch {a.batch_size}; "
+          f"best of {a.rounds} interleaved rounds")
+    print(f"forward-only      {n / f:8.0f} tok/s  ({f:.2f} s for {n} tokens; rounds {each(fwd)} s)")
+    print(f"collection        {n / c:8.0f} tok/s  ({c:.2f} s, writer busy {cw:.2f} s; rounds {each(x for x, _ in coll)} s)")
+    print(f"ratio collection/forward wall time: {c / f:.3f}  (target <= 1.3; per round "
+          f"{each(x / y for (x, _), y in zip(coll, fwd))})")
+    print(f"collection without per-token stats {n / b:8.0f} tok/s  (ratio {b / f:.3f}; writer busy {bw:.2f} s; "
+          f"rounds {each(x for x, _ in bare)} s)")
     print(f"bytes on disk per stored 16-bit value: {act_bytes / values:.3f}  (target <= 1.8)")
     print(f"plain writes of the same {act_bytes / 2**20:.0f} MiB to fresh files: {io_wall:.2f} s wall, {io_sys:.2f} s kernel "
-          f"({io_wall / fwd:.2f} of the forward-only time)")
+          f"({io_wall / f:.2f} of the forward-only time)")
     print(f"per-token statistics, one core: histogram kernel {ns_hist:.2f} ns/entry, sort path {ns_sort:.2f} ns/entry "
           f"(x{ns_sort / ns_hist:.1f}); identical on every token, site and layer: {same}")
-    print(f"peak RSS: {rss_small:.0f} MiB at {n} tokens, {rss_big:.0f} MiB at {stats_big['n_tokens']} tokens "
+    print(f"peak RSS: {rss_small:.0f} MiB at {n} tokens (highest of the rounds), {rss_big:.0f} MiB at {stats_big['n_tokens']} tokens "
           f"(ratio {rss_big / rss_small:.2f}; target: independent of token count)")
 
 

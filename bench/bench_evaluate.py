@@ -56,7 +56,7 @@ def main() -> None:
     from pipeline.sites import SiteRecorder, resolve_ffn
 
     resolved = resolve_model(a.model)
-    model, _ = load_model(resolved)
+    model = load_model(resolved)
     tok = AutoTokenizer.from_pretrained(resolved.path)
     arch = resolve_ffn(model)
     head = _LMHead(model, a.model)

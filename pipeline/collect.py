@@ -208,6 +208,24 @@ def _create_arrays(act_dir: Path, cfg: CollectConfig, arch: FFNArchitecture, n_t
     return arrays, spec
 
 
+def _shard_writes(arrays: dict, act_dir: Path, chunk_tokens: int) -> dict:
+    """``{site: write(k, block)}``: shard k of a site from ``block`` ``[layers, n, width]``, through
+    ``pipeline.shards.ShardWriter`` (the same bytes for about half zarr's CPU) where the array's
+    layout is the one it reproduces, else through zarr."""
+    from pipeline.shards import ShardWriter
+
+    def via_zarr(arr):
+        def write(k: int, block: np.ndarray) -> None:
+            arr[:, k * chunk_tokens:k * chunk_tokens + block.shape[1], :] = block
+        return write
+
+    writes = {}
+    for site, arr in arrays.items():
+        fast = ShardWriter.for_array(arr, act_dir / site)
+        writes[site] = fast.write if fast is not None else via_zarr(arr)
+    return writes
+
+
 class _ShardPool:
     """Shard buffers ``{site: [layers, chunk_tokens, width]}`` recycled between the main and writer threads.
 
@@ -233,34 +251,53 @@ class _ShardPool:
 
 
 class _Writer(threading.Thread):
-    """Writes whole shards from a queue (bounded by the pool); the first exception is kept for the main thread."""
+    """Writes whole shards from a queue (bounded by the pool); the first exception is kept for the main thread.
 
-    def __init__(self, run_dir: Path, arrays: dict, pool: _ShardPool):
+    ``writes`` maps a site to ``write(k, block)`` for shard k (``_shard_writes``). Shards are
+    independent files, and a run's completed shards are counted as a contiguous prefix of token parts
+    (``store.completed_parts``), so two threads may write shards in any order.
+    """
+
+    def __init__(self, run_dir: Path, writes: dict, pool: _ShardPool):
         super().__init__(daemon=True, name="actsparse-writer")
         self.q: queue.Queue = queue.Queue()
-        self.run_dir, self.arrays, self.pool = run_dir, arrays, pool
+        self.run_dir, self.writes, self.pool = run_dir, writes, pool
         self.error: BaseException | None = None
         self.write_s = 0.0
+        self._lock = threading.Lock()
 
     def run(self) -> None:
+        while (item := self.q.get()) is not None:
+            self._write(item)
+
+    def _write(self, item) -> None:
         import pyarrow as pa
 
-        while (item := self.q.get()) is not None:
-            k, start, blocks, token_rows, bufs, extra = item
-            t0 = time.perf_counter()
-            try:
-                if self.error is None:
-                    n = len(token_rows["token_index"])
-                    for site, block in blocks.items():
-                        self.arrays[site][:, start:start + n, :] = block
-                    if extra is not None:
-                        extra()
-                    fmt.atomic_write_parquet(self.run_dir / "tokens" / fmt.part_name(k), pa.table(token_rows))
-            except BaseException as e:  # re-raised on the main thread
-                self.error = e
-            finally:
-                self.pool.release(bufs)
+        k, blocks, token_rows, bufs, extra = item
+        t0 = time.perf_counter()
+        try:
+            if self.error is None:
+                for site, block in blocks.items():
+                    self.writes[site](k, block)
+                if extra is not None:
+                    extra()
+                fmt.atomic_write_parquet(self.run_dir / "tokens" / fmt.part_name(k), pa.table(token_rows))
+        except BaseException as e:  # re-raised on the main thread
+            self.error = e
+        finally:
+            self.pool.release(bufs)
+        with self._lock:
             self.write_s += time.perf_counter() - t0
+
+    def help_drain(self) -> None:
+        """Write queued shards on the calling thread too, until none is left: once the forward passes
+        are over a core is free, and the last batch's shards would otherwise wait for one writer."""
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:  # the stop marker is only queued after this returns
+                return
+            self._write(item)
 
     def put(self, item) -> None:
         self.raise_if_failed()
@@ -387,7 +424,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     import pyarrow as pa
 
     warm = _warm_up_statistics() if on_shard is None else None
-    model, _ = load_model(resolved, cfg.compute_dtype)
+    model = load_model(resolved, cfg.compute_dtype)
     arch = resolve_ffn(model)
     unsupported = [s for s in cfg.sites if s not in arch.sites]
     if unsupported:
@@ -435,7 +472,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     # always progress, as the writer releases every set the main thread does not hold
     pool = _ShardPool({s: (n_layers, T, array_spec[s]["width"]) for s in cfg.sites}, fmt.numpy_dtype(cfg.dtype),
                       size=-(-max_batch // T) + 1)
-    writer = _Writer(run_dir, arrays, pool)
+    writer = _Writer(run_dir, _shard_writes(arrays, act_dir, T), pool)
     writer.start()
     filling: dict[int, dict[str, np.ndarray]] = {}  # shard index -> its buffers {site: [layers, T, width]}
     buf_rows: dict[str, list] = {c: [] for c in fmt.TOKEN_COLUMNS}
@@ -465,7 +502,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
             # between forward passes, not on the writer: beside the forward pass, extra CPU work costs
             # about twice its time, as the forward's OpenMP threads spin at barriers (BENCHMARKS.md)
             extra = on_shard(k, blocks, typed)
-            writer.put((k, k * T, blocks, typed, bufs, extra))
+            writer.put((k, blocks, typed, bufs, extra))
 
     if warm is not None:
         warm.join()
@@ -515,6 +552,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
                         buf_rows[c] = buf_rows[c][skip:]
                 ship(hi)
                 bar.advance(hi - lo)
+        writer.help_drain()
     finally:
         writer.q.put(None)
         writer.join()

@@ -237,7 +237,7 @@ def load_tokenizer(resolved: ResolvedModel, *, seq_len: int | None = None):
 
 
 def load_model(resolved: ResolvedModel, dtype: str = "float32"):
-    """Load ``(model, tokenizer)`` in eval mode on the CPU.
+    """Load the model in eval mode on the CPU (its tokenizer: ``load_tokenizer``).
 
     Causal LMs load with ``AutoModelForCausalLM``; encoders (BERT) fall back to ``AutoModel``.
 
@@ -245,14 +245,13 @@ def load_model(resolved: ResolvedModel, dtype: str = "float32"):
         ActsparseError: the checkpoint cannot be loaded by transformers.
     """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     kw = dict(trust_remote_code=resolved.trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, **kw)
         try:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype, **kw)
         except ValueError:
@@ -260,8 +259,7 @@ def load_model(resolved: ResolvedModel, dtype: str = "float32"):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ActsparseError(f"cannot load model {resolved.spec}: {first}") from e
-    model.eval()
-    return model, tok
+    return model.eval()
 
 
 def list_models() -> list[dict]:

@@ -187,14 +187,10 @@ class StoreReader:
             if len(complete) != 1:
                 raise ActsparseError(f"store holds {len(complete)} complete runs; choose one with --run ({', '.join(complete) or 'none'})")
             ref = complete[0]
-        matches = [i for i in ids if i.startswith(ref)]
-        if not matches:
-            raise ActsparseError(f"unknown run '{ref}' (runs: {', '.join(ids) or 'none'})")
-        if len(matches) > 1:
-            raise ActsparseError(f"run prefix '{ref}' is ambiguous: {', '.join(matches)}")
-        m = self.manifest(matches[0])
+        run_id = fmt.match_run(ref, ids)
+        m = self.manifest(run_id)
         if m["status"] != "complete":
-            raise ActsparseError(f"run {matches[0]} is incomplete; resume it with the same `actsparse collect` command")
+            raise ActsparseError(f"run {run_id} is incomplete; resume it with the same `actsparse collect` command")
         return Run(self, m)
 
     def runs(self) -> list["Run"]:

@@ -60,6 +60,21 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def match_run(ref: str, run_ids, where: str = "") -> str:
+    """The one run id of ``run_ids`` that ``ref`` (a full id or a prefix) names; ``where``
+    (e.g. a store URL) goes into the message.
+
+    Raises:
+        ActsparseError: no id or several ids start with ``ref``, listing the run ids.
+    """
+    ids = list(run_ids)
+    matches = [i for i in ids if ref and i.startswith(str(ref))]
+    if len(matches) != 1:
+        what = f"run prefix '{ref}' is ambiguous" if matches else f"unknown run '{ref}'"
+        raise ActsparseError(f"{what}{f' in {where}' if where else ''} (runs: {', '.join(ids) or 'none'})")
+    return matches[0]
+
+
 def content_hash(obj: Any, n: int = 16) -> str:
     """First ``n`` hex digits of the sha256 of ``canonical_json(obj)``."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]

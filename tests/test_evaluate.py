@@ -26,7 +26,7 @@ from analyze.hooks import TARGETS, Sparsifier, hook_points, keep_and_count, topp
 from conftest import build_tiny, run_cli
 from pipeline.collect import CollectConfig, collect
 from pipeline.corpora import iter_windows, open_corpus
-from pipeline.models import load_model, resolve_model
+from pipeline.models import load_model, load_tokenizer, resolve_model
 from pipeline.sites import SITES, SiteRecorder, ffn_recompute, resolve_ffn
 
 SEQ, BATCH = 64, 4
@@ -86,7 +86,7 @@ def test_fast_topp_non_finite_rows_follow_the_reference():
 def tiny(tiny_llama, text_corpus):
     """(model, arch, head, batches) of the tiny Llama over the held-out split of the text corpus."""
     resolved = resolve_model(str(tiny_llama))
-    model, tok = load_model(resolved)
+    model, (tok, _) = load_model(resolved), load_tokenizer(resolved)
     windows = list(iter_windows(open_corpus(str(text_corpus)).split("heldout"), tok, SEQ))
     batches = [_make_batch(windows[b:b + BATCH], tok.pad_token_id, set(tok.all_special_ids))
                for b in range(0, len(windows), BATCH)]
@@ -104,7 +104,8 @@ def test_head_reproduces_model_logits(tiny, text_corpus, tmp_path):
         ref = model(input_ids=b.ids, attention_mask=b.attn).logits[b.rows, b.cols]
         assert torch.allclose(logits_of(head, b), ref, rtol=1e-5, atol=1e-5)
         # Gemma 3 (GeGLU, scaled embeddings, optional final soft-capping) through the same path
-        gemma, tok = load_model(resolve_model(str(build_tiny(tmp_path / "gemma", "gemma3"))))
+        resolved = resolve_model(str(build_tiny(tmp_path / "gemma", "gemma3")))
+        gemma, (tok, _) = load_model(resolved), load_tokenizer(resolved)
         gemma.config.final_logit_softcapping = 0.05  # small enough to change every logit
         windows = list(iter_windows(open_corpus(str(text_corpus)).split("heldout"), tok, SEQ))[:2]
         g = _make_batch(windows, tok.pad_token_id, set(tok.all_special_ids))
@@ -201,7 +202,7 @@ def test_layer0_output_equals_offline_recompute(tiny, f32_store, target):
 
 
 def test_up_target_needs_a_glu(tmp_path):
-    model, _ = load_model(resolve_model(str(build_tiny(tmp_path / "gpt2", "gpt2"))))
+    model = load_model(resolve_model(str(build_tiny(tmp_path / "gpt2", "gpt2"))))
     arch = resolve_ffn(model)
     with pytest.raises(ActsparseError, match="non-GLU"):
         hook_points(arch, "up")

@@ -272,7 +272,7 @@ def test_named_query_parameters(store):
             st.query("layer_profile", run=a, colour="red")
         with pytest.raises(ActsparseError, match="parameter n must be INTEGER"):
             st.query("extreme_tokens", run=a, n="ten")
-        with pytest.raises(ActsparseError, match="matches no complete run"):
+        with pytest.raises(ActsparseError, match="unknown run"):
             st.query("layer_profile", run="ffffff")
         with pytest.raises(ActsparseError, match="p must be one of"):
             st.query("special_tokens", run=a, p=0.85)

@@ -7,19 +7,7 @@ from typing import Optional
 import typer
 
 from actsparse.errors import ActsparseError
-
-
-def _floats(value: str | None, what: str) -> tuple[float, ...] | None:
-    if not value:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ActsparseError(f"{what} must be comma-separated numbers, got '{value}'") from None
-
-
-def _names(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+from actsparse.parsing import names, numbers
 
 
 def curves(
@@ -41,12 +29,12 @@ def curves(
 
     from analyze.curves import DEFAULT_TOLERANCE, compute_curves, critical_sparsity
 
-    rules = _names(rule)
-    g = _floats(grid, "--grid")
-    if g is not None and len(rules) != 1:
+    rules = names(rule)
+    g = numbers(grid, "--grid")
+    if g and len(rules) != 1:
         raise ActsparseError("--grid needs exactly one --rule")
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
-    df = compute_curves(store, run, targets=_names(target), rules=rules, grids={rules[0]: g} if g else None,
+    df = compute_curves(store, run, targets=names(target), rules=rules, grids={rules[0]: g} if g else None,
                         power=power, include_special=include_special, use_cache=not no_cache)
     model = df.filter(pl.col("layer") == -1)
     con = Console()

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from actsparse.errors import ActsparseError
+from actsparse.parsing import names, numbers
 
 SUMMARY_COLUMNS = ["value", "sparsity", "nll", "ppl", "top1_acc", "kl", "acc_ratio", "acc_ratio_lo", "acc_ratio_hi",
                    "dnll", "dnll_lo", "dnll_hi"]
@@ -19,13 +20,6 @@ CRITICAL_COLUMNS = ["target", "criterion", "critical_sparsity_grid", "critical_v
 PROXY_COLUMNS = ["target", "rule", "eval_id", "n_values", "closed_critical", "closed_lo", "closed_hi",
                  "closed_critical_nll", "open_critical", "tolerance", "spearman_err_dnll", "spearman_err_kl",
                  "sparsity_gap"]
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ActsparseError(f"--grid must be comma-separated numbers, got '{value}'") from None
 
 
 def _print(df, columns: list[str], title: str) -> None:
@@ -67,8 +61,8 @@ def evaluate(
     _threads(threads)
     if boot < 1:
         raise ActsparseError(f"--boot must be positive (got {boot})")
-    targets = [t.strip() for t in target.split(",") if t.strip()]
-    values = _floats(grid) if grid else DEFAULT_GRID
+    targets = names(target)
+    values = numbers(grid, "--grid") or DEFAULT_GRID
     configs = [EvalConfig(model=model, corpus=corpus, target=t, rule=rule, grid=values, power=power,
                           max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, compute_dtype=compute_dtype,
                           text_field=text_field, trust_remote_code=trust_remote_code) for t in targets]
