@@ -243,8 +243,9 @@ class _ShardPool:
                 b.fill(0)  # touch every page now (np.zeros would map them lazily)
             self._free.put(bufs)
 
-    def take(self) -> dict[str, np.ndarray]:
-        return self._free.get()
+    def take(self, block: bool = True) -> dict[str, np.ndarray]:
+        """A free set; raises ``queue.Empty`` when ``block`` is False and none is free."""
+        return self._free.get(block=block)
 
     def release(self, bufs: dict[str, np.ndarray]) -> None:
         self._free.put(bufs)
@@ -289,15 +290,15 @@ class _Writer(threading.Thread):
         with self._lock:
             self.write_s += time.perf_counter() - t0
 
-    def help_drain(self) -> None:
-        """Write queued shards on the calling thread too, until none is left: once the forward passes
-        are over a core is free, and the last batch's shards would otherwise wait for one writer."""
-        while True:
-            try:
-                item = self.q.get_nowait()
-            except queue.Empty:  # the stop marker is only queued after this returns
-                return
-            self._write(item)
+    def write_one(self) -> bool:
+        """Write one queued shard on the calling thread (False when none is queued): a thread that would
+        otherwise wait for the writer uses its core instead, e.g. once the forward passes are over."""
+        try:
+            item = self.q.get_nowait()
+        except queue.Empty:  # the stop marker is only queued after the main thread's last call
+            return False
+        self._write(item)
+        return True
 
     def put(self, item) -> None:
         self.raise_if_failed()
@@ -504,6 +505,15 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
             extra = on_shard(k, blocks, typed)
             writer.put((k, blocks, typed, bufs, extra))
 
+    def free_set() -> dict[str, np.ndarray]:
+        """A free set of shard buffers; while none is, write queued shards here rather than wait."""
+        while True:
+            try:
+                return pool.take(block=False)
+            except queue.Empty:
+                if not writer.write_one():  # the writer thread holds the set that frees next
+                    return pool.take()
+
     if warm is not None:
         warm.join()
     forward_s = 0.0
@@ -524,7 +534,7 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
                 segments = []
                 for k in range(lo // T, (hi - 1) // T + 1):
                     if k not in filling:
-                        filling[k] = pool.take()
+                        filling[k] = free_set()
                     first, last = max(lo, k * T), min(hi, (k + 1) * T)
                     segments.append((filling[k], first - token_cursor, first - k * T, last - first))
                 t0 = time.perf_counter()
@@ -552,7 +562,8 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
                         buf_rows[c] = buf_rows[c][skip:]
                 ship(hi)
                 bar.advance(hi - lo)
-        writer.help_drain()
+        while writer.write_one():
+            pass
     finally:
         writer.q.put(None)
         writer.join()

@@ -27,6 +27,7 @@ import numpy as np
 
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 _SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+_BLOSC_KEYS = {"cname", "clevel", "shuffle", "blocksize", "typesize"}
 
 
 class ShardWriter:
@@ -50,8 +51,9 @@ class ShardWriter:
     @classmethod
     def for_array(cls, arr, directory: Path) -> "ShardWriter | None":
         """A writer for ``arr`` (a zarr v3 array stored in the local ``directory``), or None when its layout is not
-        the one this writer reproduces: shards of whole ``[1, T, width]`` chunks, inner codecs bytes
-        (little-endian) + blosc, index codecs bytes + crc32c at the end, default chunk keys."""
+        the one this writer reproduces: shards ``[layers, T, width]`` spanning every layer and the whole
+        width, of ``[1, T, width]`` chunks, inner codecs bytes (little-endian) + blosc, index codecs
+        bytes + crc32c at the end, default chunk keys."""
         try:  # the metadata as stored (JSON), not zarr's in-memory form of it
             meta = json.loads((Path(directory) / "zarr.json").read_text())
         except (OSError, ValueError):
@@ -65,8 +67,10 @@ class ShardWriter:
         if (shard.get("name") != "sharding_indexed" or cfg.get("index_location") != "end"
                 or cfg.get("index_codecs") != [_BYTES_LE, {"name": "crc32c"}]
                 or len(inner) != 2 or inner[0] != _BYTES_LE or inner[1].get("name") != "blosc"
-                or inner[1]["configuration"].get("shuffle") not in _SHUFFLES
-                or grid is None or list(cfg.get("chunk_shape", ())) != [1, *grid[1:]]
+                or not _BLOSC_KEYS <= set(inner[1].get("configuration", {}))
+                or inner[1]["configuration"]["shuffle"] not in _SHUFFLES
+                or grid is None or len(grid) != 3 or [grid[0], grid[2]] != [arr.shape[0], arr.shape[2]]
+                or list(cfg.get("chunk_shape", ())) != [1, *grid[1:]]
                 or meta.get("chunk_key_encoding", {}).get("name") != "default"):
             return None
         dtype = np.dtype(arr.dtype).newbyteorder("<")
@@ -81,6 +85,8 @@ class ShardWriter:
         layers, t, width = self.shard_shape
         if block.shape[0] != layers or block.shape[2] != width or not 0 < block.shape[1] <= t:
             raise ValueError(f"a shard block is [{layers}, <= {t}, {width}], got {list(block.shape)}")
+        if block.dtype != self.dtype:  # never a silent cast: bf16 is stored as uint16 bit patterns
+            raise ValueError(f"a shard block of this array is {self.dtype}, got {block.dtype}")
         if block.shape[1] < t:  # an edge shard: full chunks padded with the fill value, as zarr writes them
             full = np.full((layers, t, width), self.fill_value, dtype=self.dtype)
             full[:, : block.shape[1]] = block
@@ -99,7 +105,7 @@ class ShardWriter:
         """Write shard ``k`` along the token axis (tokens ``[k*T, k*T + n)``) from ``block`` ``[layers, n, width]``.
 
         Raises:
-            ValueError: a block that is not ``[layers, 1..T, width]``.
+            ValueError: a block that is not ``[layers, 1..T, width]`` of the array's dtype.
             OSError: the file cannot be written (the caller reports it as a disk error).
         """
         data = self.encode(block)

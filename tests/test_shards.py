@@ -70,4 +70,6 @@ def test_a_block_of_the_wrong_shape_is_refused(tmp_path):
     for shape in [(2, T, 24), (3, T + 1, 24), (3, 0, 24), (3, T, 23)]:
         with pytest.raises(ValueError, match=r"a shard block is \[3, <= 64, 24\]"):
             writer.write(0, np.zeros(shape, np.uint16))
+    with pytest.raises(ValueError, match="is uint16, got float32"):
+        writer.write(0, np.zeros((3, T, 24), np.float32))
     assert not (tmp_path / "input" / "c").exists()  # nothing half-written
