@@ -139,10 +139,18 @@ def decode(arr: np.ndarray, dtype: str, *, to: str = "float32"):
 # ---------------------------------------------------------------- files
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import (one thread)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask_mode() -> int:
+    """Mode of a new file under the process umask (files written via mkstemp start 0600)."""
+    return 0o666 & ~_UMASK
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
