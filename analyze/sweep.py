@@ -391,6 +391,8 @@ def linear_target_errors(
     _check_counts(counts, n_tok, width)
     if ascending.dtype not in (torch.int64, torch.int32):
         raise ActsparseError(f"ascending must be int64 or int32, got {ascending.dtype}")
+    if ascending.numel() and (int(ascending.min()) < 0 or int(ascending.max()) >= width):
+        raise ActsparseError(f"ascending must hold entry indices in [0, {width})")  # the compiled gather trusts them
     if w_down.ndim != 2 or w_down.shape[1] != width:
         raise ActsparseError(f"w_down must be [d_model, {width}], got {tuple(w_down.shape)}")
     d_model = w_down.shape[0]

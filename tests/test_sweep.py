@@ -315,3 +315,5 @@ def test_linear_target_errors_rejects_bad_shapes():
         linear_target_errors(h, sb.order.flip(-1), counts + 7, torch.randn(3, 6))
     with pytest.raises(ActsparseError):
         linear_target_errors(h, sb.order.flip(-1), counts, torch.randn(3, 6), y=torch.randn(4, 2))
+    with pytest.raises(ActsparseError, match=r"indices in \[0, 6\)"):
+        linear_target_errors(h, sb.order.flip(-1) + 1, counts, torch.randn(3, 6))
