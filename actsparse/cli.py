@@ -174,10 +174,21 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as e:  # click usage errors carry their own formatting
+    except _click_exceptions() as e:  # usage errors (unknown option, missing argument, bad number)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(e.format_message())}{escape(hint)}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """``ClickException`` of the click that typer runs on: recent typer releases (0.29) carry their own copy
+    (``typer._click``), unrelated to an installed ``click``; both are caught."""
+    found = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    try:
         import click
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)

@@ -165,12 +165,26 @@ def test_missing_site_is_named(tiny_llama, text_corpus, tmp_path):
     (["--target", "outputs"], "unknown target"),
     (["--rule", "top-q"], "unknown rule"),
     (["--grid", "0.5,1.2"], "[0, 1]"),
+    (["--grid", "0.5,x"], "comma-separated numbers"),
+    (["--grid", ","], "--grid has no values"),  # never silently the default grid
+    # usage errors: typer's own click (typer._click) must be caught too, not left as a traceback
+    (["--bogus"], "No such option: --bogus (see actsparse curves --help)"),
+    (["--tolerance", "abc"], "Invalid value for '--tolerance'"),
+    (["--run"], "requires an argument"),
 ])
 def test_cli_bad_input(tiny_store, args, words):
     store, _ = tiny_store
     r = run_cli("curves", str(store), *args)
-    assert r.returncode != 0 and r.stderr.startswith("error:") and words in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error:") and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_says_when_no_grid_value_meets_the_tolerance(tiny_store):
+    store, _ = tiny_store
+    r = run_cli("curves", str(store), "--grid", "0.1", "--tolerance", "0", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "(rel err <= 0): no grid value keeps the error within the tolerance" in out and "nan" not in out
 
 
 def test_cli_newer_format_and_nan_are_reported(tiny_store, tmp_path):

@@ -356,7 +356,7 @@ def other_model(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny-other"), "llama", seed=1)
 
 
-@pytest.mark.parametrize("case", ["target", "grid", "few-tokens", "mismatch"])
+@pytest.mark.parametrize("case", ["target", "grid", "grid-empty", "few-tokens", "mismatch"])
 def test_bad_input_is_a_one_line_cli_error(case, tiny_llama, text_corpus, f32_store, other_model, tmp_path):
     store, res = f32_store
     base = ["evaluate", "--model", str(tiny_llama), "--corpus", str(text_corpus), "--seq-len", str(SEQ)]
@@ -365,6 +365,7 @@ def test_bad_input_is_a_one_line_cli_error(case, tiny_llama, text_corpus, f32_st
     args, expect = {
         "target": (base + ["--target", "attention"], "unknown target 'attention'"),
         "grid": (base + ["--grid", "1.0,1.5"], "top-p value must be in [0, 1], got 1.5"),
+        "grid-empty": (base + ["--grid", " , "], "--grid has no values"),  # not the default grid
         "few-tokens": (["evaluate", "--model", str(tiny_llama), "--corpus", str(short), "--seq-len", str(SEQ)],
                        "needs at least 64"),
         "mismatch": (["evaluate", "--model", str(other_model), "--store", str(store), "--run", res.run_id,

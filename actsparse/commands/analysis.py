@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import typer
@@ -31,6 +32,8 @@ def curves(
 
     rules = names(rule)
     g = numbers(grid, "--grid")
+    if grid is not None and not g:
+        raise ActsparseError(f"--grid has no values ('{grid}'); leave it out for the default grid")
     if g and len(rules) != 1:
         raise ActsparseError("--grid needs exactly one --rule")
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
@@ -53,9 +56,12 @@ def curves(
         con.print(tab)
     crit = critical_sparsity(df, tol)
     for row in crit.iter_rows(named=True):
-        con.print(f"open-loop critical sparsity {row['target']}/{row['rule']} (rel err <= {tol:g}): "
-                  f"grid {row['critical_sparsity_grid']:.3f} at {row['critical_value_grid']:g}, "
-                  f"interpolated {row['critical_sparsity_interp']:.3f}")
+        head = f"open-loop critical sparsity {row['target']}/{row['rule']} (rel err <= {tol:g}): "
+        if math.isnan(row["critical_sparsity_grid"]):
+            con.print(head + "no grid value keeps the error within the tolerance")
+        else:
+            con.print(head + f"grid {row['critical_sparsity_grid']:.3f} at {row['critical_value_grid']:g}, "
+                      f"interpolated {row['critical_sparsity_interp']:.3f}")
 
 
 def register(app: typer.Typer) -> None:
