@@ -377,7 +377,8 @@ class Store:
     def query(self, name: str, **params):
         """Run a named query of ``queries/`` (``actsparse query list``); missing parameters take defaults.
 
-        Parameters of type RUN accept a run id or a unique prefix.
+        Parameters of type RUN accept a run id or a unique prefix; in a store of one complete run, a
+        query's only RUN parameter defaults to that run.
 
         Raises:
             ActsparseError: unknown query (lists the available ones), a missing required parameter, an
@@ -386,7 +387,8 @@ class Store:
         from queries import get
 
         q = get(name)
-        values = q.bind(params, resolve_run=self.resolve_run)
+        values = q.bind(params, resolve_run=self.resolve_run,
+                        only_run=self.run_ids[0] if len(self.run_ids) == 1 else None)
         return self.sql(q.sql, **values)
 
     def resolve_run(self, ref: str) -> str:

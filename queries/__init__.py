@@ -97,8 +97,12 @@ class NamedQuery:
     columns: str
     sql: str = field(repr=False)
 
-    def bind(self, given: dict[str, Any], *, resolve_run: Callable[[str], str]) -> dict[str, Any]:
+    def bind(self, given: dict[str, Any], *, resolve_run: Callable[[str], str],
+             only_run: str | None = None) -> dict[str, Any]:
         """The ``{name: value}`` to execute with: given values converted, defaults filled in.
+
+        ``only_run``: the store's run id when it holds exactly one complete run; a query with a single
+        RUN parameter then takes it when the parameter is not given (as ``actsparse curves`` does).
 
         Raises:
             ActsparseError: an unknown or a missing required parameter (both list the parameters), or a
@@ -109,6 +113,9 @@ class NamedQuery:
         if unknown:
             raise ActsparseError(f"query {self.name} has no parameter {', '.join(unknown)}; "
                                  f"parameters: {self.signature()}")
+        runs = [p.name for p in self.params if p.type == "RUN"]
+        if only_run is not None and len(runs) == 1 and given.get(runs[0]) is None:
+            given = {**given, runs[0]: only_run}
         missing = [p.name for p in self.params if p.required and given.get(p.name) is None]
         if missing:
             raise ActsparseError(f"query {self.name} needs parameter {', '.join(missing)} "

@@ -265,7 +265,12 @@ def test_named_query_parameters(store):
         by_layer = st.query("sparsity_by_position", run=a[:5], layer="2", bucket="8", p="0.5")
         assert by_layer["position_from"].to_list() == list(range(0, 64, 8))
         with pytest.raises(ActsparseError, match="needs parameter run .*parameters: run RUN"):
-            st.query("layer_profile")
+            st.query("layer_profile")  # two runs: no default
+    # one complete run: a query's only RUN parameter defaults to it; two RUN parameters never do
+    assert get("layer_profile").bind({}, resolve_run=str.upper, only_run="abc")["run"] == "ABC"
+    assert get("layer_profile").bind({"run": "x"}, resolve_run=str.upper, only_run="abc")["run"] == "X"
+    with pytest.raises(ActsparseError, match="needs parameter run_a"):
+        get("compare_runs").bind({}, resolve_run=str.upper, only_run="abc")
         with pytest.raises(ActsparseError, match="unknown query 'nope'; available: .*layer_profile"):
             st.query("nope")
         with pytest.raises(ActsparseError, match="has no parameter colour"):

@@ -42,7 +42,9 @@ def query(
     params = _params(param or [])
     if store is None:
         raise ActsparseError(f"query {q.name} needs a STORE: actsparse query {q.name} STORE --param NAME=VALUE")
-    q.bind(params, resolve_run=lambda ref: ref)  # parameter errors before the store is opened
+    # parameter errors before the store is opened; a missing RUN parameter may still default to the
+    # store's only run, which st.query decides
+    q.bind(params, resolve_run=lambda ref: ref, only_run="")
     with open_store(store, memory_limit, threads) as st:
         emit(st.query(q.name, **params), st, format, out, max_rows)
 
