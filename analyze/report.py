@@ -775,7 +775,7 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
 
     Raises:
         ActsparseError: no complete run, an unknown or incomplete run, a target's missing sites, or
-            an output directory that cannot be written.
+            an output directory inside the store or that cannot be written.
     """
     import matplotlib
     import polars as pl
@@ -787,6 +787,9 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
     if not ids:
         raise ActsparseError(f"store {st.url} holds no complete run to report on")
     out = Path(out_dir).resolve()
+    if st.is_local and (out == Path(st.root).resolve() or Path(st.root).resolve() in out.parents):
+        # a store holds only what its format lists: `actsparse verify` and copies would carry the report
+        raise ActsparseError(f"--out {out_dir} is inside the store {st.url}; write the report elsewhere")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

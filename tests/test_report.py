@@ -259,7 +259,8 @@ def test_report_errors_are_one_line(tiny_store, tmp_path):
     store, _ = tiny_store
     out = str(tmp_path / "o")
     for args, message in ((["report", str(tmp_path / "nothing"), "--out", out], "not an actsparse store"),
-                          (["report", str(store), "--out", out, "--run", "ffff"], "unknown run")):
+                          (["report", str(store), "--out", out, "--run", "ffff"], "unknown run"),
+                          (["report", str(store), "--out", str(store / "report")], "is inside the store")):
         r = run_cli(*args)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
