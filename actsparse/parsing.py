@@ -11,12 +11,18 @@ def names(value: str | None) -> tuple[str, ...]:
 
 
 def numbers(value: str | None, option: str) -> tuple[float, ...]:
-    """Comma-separated floats, as ``names`` splits them.
+    """Comma-separated floats, as ``names`` splits them; None (option not given) -> ().
 
     Raises:
-        ActsparseError: an item that is not a number, naming ``option`` (e.g. ``--grid``).
+        ActsparseError: an item that is not a number, or a value given with no items at all (``""``,
+            ``","``: never silently the default), naming ``option`` (e.g. ``--grid``).
     """
+    if value is None:
+        return ()
+    items = names(value)
+    if not items:
+        raise ActsparseError(f"{option} has no values ('{value}'); leave it out for the default")
     try:
-        return tuple(float(v) for v in names(value))
+        return tuple(float(v) for v in items)
     except ValueError:
         raise ActsparseError(f"{option} must be comma-separated numbers, got '{value}'") from None

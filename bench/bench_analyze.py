@@ -25,6 +25,7 @@ import time
 import torch
 
 from peak_rss import peak_rss_mib  # bench/, run as a script
+from rounds import listed
 
 
 def make_store(path: str, tokens: int) -> str:
@@ -138,9 +139,6 @@ def main() -> None:
             rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mib"]
     n = run.n_tokens
 
-    def each(xs) -> str:
-        return ", ".join(f"{x:.2f}" for x in xs)
-
     print(f"SmolLM2-135M x wiki, {n} tokens, {run.n_layers} layers, intermediate target, 26 top-p values, "
           f"{torch.get_num_threads()} threads; best of {a.rounds} interleaved rounds")
     print(f"paper's way (26 forward passes with hooks) {t_paper:8.2f} s")
@@ -150,7 +148,7 @@ def main() -> None:
           f"blocks of {DEFAULT_BLOCK_TOKENS} tokens as the sweep; {t_chunk_read:.2f} s one {run.chunk_tokens}-token chunk at a time)")
     print(f"error part (with - without)                {t_err - t_noerr:8.2f} s")
     print(f"one dense down-projection matmul           {t_mm:8.2f} s   error/matmul {(t_err - t_noerr) / t_mm:5.2f}x  (target <= 3x)")
-    print(f"rounds: sweep with error {each(errs)} s; without {each(noerrs)} s; read {each(reads)} s; matmul {each(mms)} s")
+    print(f"rounds: sweep with error {listed(errs)} s; without {listed(noerrs)} s; read {listed(reads)} s; matmul {listed(mms)} s")
     print(f"peak RSS of the sweep: {rss[a.tokens]:.0f} MiB at {a.tokens} tokens, {rss[a.large]:.0f} MiB at "
           f"{a.large} tokens (ratio {rss[a.large] / rss[a.tokens]:.2f}; target: independent of token count)")
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from peak_rss import peak_rss_mib  # bench/, run as a script
+from rounds import listed
 
 
 def forward_only(tokens: int, seq_len: int, batch_size: int):
@@ -131,17 +132,14 @@ def main() -> None:
     n = stats["n_tokens"]
     f, (c, cw), (b, bw), rss_small = min(fwd), min(coll), min(bare), max(rss4k)
 
-    def each(xs) -> str:
-        return ", ".join(f"{x:.2f}" for x in xs)
-
     print(f"SmolLM2-135M x wiki, sites input,gate,intermediate, bf16, seq_len {a.seq_len}, batch {a.batch_size}; "
           f"best of {a.rounds} interleaved rounds")
-    print(f"forward-only      {n / f:8.0f} tok/s  ({f:.2f} s for {n} tokens; rounds {each(fwd)} s)")
-    print(f"collection        {n / c:8.0f} tok/s  ({c:.2f} s, writer busy {cw:.2f} s; rounds {each(x for x, _ in coll)} s)")
+    print(f"forward-only      {n / f:8.0f} tok/s  ({f:.2f} s for {n} tokens; rounds {listed(fwd)} s)")
+    print(f"collection        {n / c:8.0f} tok/s  ({c:.2f} s, writer busy {cw:.2f} s; rounds {listed(x for x, _ in coll)} s)")
     print(f"ratio collection/forward wall time: {c / f:.3f}  (target <= 1.3; per round "
-          f"{each(x / y for (x, _), y in zip(coll, fwd))})")
+          f"{listed(x / y for (x, _), y in zip(coll, fwd))})")
     print(f"collection without per-token stats {n / b:8.0f} tok/s  (ratio {b / f:.3f}; writer busy {bw:.2f} s; "
-          f"rounds {each(x for x, _ in bare)} s)")
+          f"rounds {listed(x for x, _ in bare)} s)")
     print(f"bytes on disk per stored 16-bit value: {act_bytes / values:.3f}  (target <= 1.8)")
     print(f"plain writes of the same {act_bytes / 2**20:.0f} MiB to fresh files: {io_wall:.2f} s wall, {io_sys:.2f} s kernel "
           f"({io_wall / f:.2f} of the forward-only time)")

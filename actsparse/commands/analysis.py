@@ -32,8 +32,6 @@ def curves(
 
     rules = names(rule)
     g = numbers(grid, "--grid")
-    if grid is not None and not g:
-        raise ActsparseError(f"--grid has no values ('{grid}'); leave it out for the default grid")
     if g and len(rules) != 1:
         raise ActsparseError("--grid needs exactly one --rule")
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance

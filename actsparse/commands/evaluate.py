@@ -62,10 +62,7 @@ def evaluate(
     if boot < 1:
         raise ActsparseError(f"--boot must be positive (got {boot})")
     targets = names(target)
-    values = numbers(grid, "--grid")
-    if grid is not None and not values:
-        raise ActsparseError(f"--grid has no values ('{grid}'); leave it out for the default grid")
-    values = values or DEFAULT_GRID
+    values = numbers(grid, "--grid") or DEFAULT_GRID
     configs = [EvalConfig(model=model, corpus=corpus, target=t, rule=rule, grid=values, power=power,
                           max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, compute_dtype=compute_dtype,
                           text_field=text_field, trust_remote_code=trust_remote_code) for t in targets]
