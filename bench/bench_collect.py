@@ -1,8 +1,9 @@
 """Collection benchmark: forward-only vs collection throughput, bytes on disk, peak RSS vs token count.
 
 Run with ``make bench-collect``. SmolLM2-135M on wiki with the default sites; all timings in one run,
-same windows and batches, same thread count, in interleaved rounds (the best of each is reported, as
-``timeit`` does: the run least disturbed by the rest of the machine).
+same windows and batches, same thread count, each in a fresh process with the model loaded before the
+clock starts (so both time their first, cold batch), in interleaved rounds (the best of each is
+reported, as ``timeit`` does: the run least disturbed by the rest of the machine).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from peak_rss import peak_rss_mib  # bench/, run as a script
 from rounds import listed
 
 
-def forward_only(tokens: int, seq_len: int, batch_size: int):
-    """A function timing the forward passes alone (no hooks, no writing) over the same batches as
-    collection, in seconds; the model is loaded once, and one batch runs untimed as a warm-up."""
+def forward_child(tokens: int, seq_len: int, batch_size: int) -> None:
+    """Time the forward passes alone (no hooks, no writing) over the same batches as collection, in a
+    fresh process as collection runs, its first batch included as collection's is; prints seconds."""
     from pipeline.collect import CollectConfig, _batch_tensors, _batches, _forward_batch, plan
     from pipeline.models import load_model
 
@@ -30,15 +31,10 @@ def forward_only(tokens: int, seq_len: int, batch_size: int):
     resolved, tok, _, windows, _, _ = plan(cfg)
     model = load_model(resolved)
     batches = [_batch_tensors(b, tok.pad_token_id or 0) for b in _batches(windows, batch_size)]
-    _forward_batch(model, *batches[0])
-
-    def timed() -> float:
-        t0 = time.perf_counter()
-        for ids, mask in batches:
-            _forward_batch(model, ids, mask)
-        return time.perf_counter() - t0
-
-    return timed
+    t0 = time.perf_counter()
+    for ids, mask in batches:
+        _forward_batch(model, ids, mask)
+    print(json.dumps(dict(forward_s=time.perf_counter() - t0)))
 
 
 def collect_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> None:
@@ -50,13 +46,20 @@ def collect_child(store: str, tokens: int, seq_len: int, batch_size: int, stats:
                                                   peak_rss_mib=peak_rss_mib())))
 
 
+def _child(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, *map(str, args)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> tuple[dict, float]:
     """Collect in a fresh process; return its stats and its peak RSS in MiB."""
-    out = subprocess.run([sys.executable, __file__, "--child", store, str(tokens), str(seq_len), str(batch_size),
-                          str(stats)],
-                         check=True, capture_output=True, text=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _child("--child", store, tokens, seq_len, batch_size, stats)
     return result, result["peak_rss_mib"]
+
+
+def timed_forward(tokens: int, seq_len: int, batch_size: int) -> float:
+    """Forward-only seconds, measured in a fresh process (``forward_child``)."""
+    return _child("--forward-child", tokens, seq_len, batch_size)["forward_s"]
 
 
 def plain_writes(directory: str, n_bytes: int, file_bytes: int = 64 * 2**20) -> tuple[float, float]:
@@ -107,20 +110,23 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--child", nargs=5)
+    ap.add_argument("--forward-child", nargs=3, type=int)
     a = ap.parse_args()
     if a.child:
         collect_child(a.child[0], *map(int, a.child[1:]))
         return
+    if a.forward_child:
+        forward_child(*a.forward_child)
+        return
     with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
         # rounds interleave the three measurements, so that a slow spell of the machine hits all of them
-        timed_forward = forward_only(a.tokens, a.seq_len, a.batch_size)
         fwd, coll, bare, rss4k = [], [], [], []
         for r in range(a.rounds):
             stats, rss = run_child(f"{tmp}/s4k-{r}", a.tokens, a.seq_len, a.batch_size)
             rss4k.append(rss)
-            fwd.append(timed_forward())
+            fwd.append(timed_forward(a.tokens, a.seq_len, a.batch_size))
             nostats, _ = run_child(f"{tmp}/s4k-nostats-{r}", a.tokens, a.seq_len, a.batch_size, stats=0)
             coll.append((stats["loop_s"], stats["write_s"]))
             bare.append((nostats["loop_s"], nostats["write_s"]))

@@ -67,5 +67,7 @@ def test_bit_stats_reject_bad_arguments():
         bit_stats(np.zeros((2, 2), np.uint16), "float32", [0.1], [0.5])
     with pytest.raises(ValueError, match="ascending"):
         bit_stats(np.zeros((2, 2), np.uint16), "bfloat16", [0.1], [0.9, 0.5])
+    with pytest.raises(ValueError, match="widths up to 8388607"):  # the packed group counts hold 23 bits
+        bit_stats(np.zeros((1, 1 << 23), np.uint16), "bfloat16", [0.1], [0.5])
     with pytest.raises(ValueError, match="fewer than 32767 grid values"):
         topp_sweep(np.zeros((1, 2), np.uint16), "bfloat16", np.linspace(0, 1, 0x7FFF), with_order=True)
