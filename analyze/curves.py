@@ -37,9 +37,9 @@ import torch
 from actsparse.errors import ActsparseError
 from analyze import rules as R
 from analyze import sweep as S
+from actsparse.vocab import TARGETS
 from pipeline import store as fmt
 
-TARGETS = ("input", "gate", "up", "intermediate", "all-inputs")
 LINEAR = ("gate", "up", "intermediate")
 DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "top-p": R.DEFAULT_TOPP_GRID,

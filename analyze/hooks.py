@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from actsparse.errors import ActsparseError
+from actsparse.vocab import TARGETS
 from analyze.rules import RULES, check_block, check_rule_value, magnitude, rule_mask, topp_mask
 from pipeline.sites import FFNArchitecture
 
-TARGETS = ("input", "gate", "up", "intermediate", "all-inputs")
 # The threshold rule needs a per-layer calibrated tau (analyze.curves calibrates one per layer on the
 # stored activations); one absolute tau for every layer is not the rule the paper or TEAL evaluates.
 CLOSED_LOOP_RULES = ("top-p", "top-k", "max-p")

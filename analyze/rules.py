@@ -21,8 +21,7 @@ import math
 import torch
 
 from actsparse.errors import ActsparseError
-
-RULES = ("top-p", "top-k", "max-p", "threshold")
+from actsparse.vocab import RULES
 
 # paper.md §3.3: the dense-model top-p grid (26 points), in the authors' order.
 DEFAULT_TOPP_GRID = (

@@ -47,8 +47,7 @@ from transformers.activations import ACT2CLS, ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from actsparse.errors import ActsparseError
-
-SITES: tuple[str, ...] = ("input", "gate", "act", "up", "intermediate", "output")
+from actsparse.vocab import SITES
 
 # Config attributes that name the FFN activation, most specific first: Gemma 2/3 configs carry
 # ``hidden_activation``, GPT-2 and OPT ``activation_function``, the others ``hidden_act``.

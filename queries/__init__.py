@@ -9,8 +9,10 @@ Every file starts with a header of ``--`` comment lines, then one SELECT over th
     -- columns: col_a, col_b, ...
 
 Values are bound as DuckDB named parameters (``$run``, ``$site``), never pasted into the SQL text.
-Types: RUN (a run id or unique prefix, resolved against the store), VARCHAR, INTEGER, DOUBLE, BOOLEAN;
-defaults are SQL literals (``'text'``, numbers, ``true``/``false``, ``NULL``).
+Types: RUN (a run id or unique prefix, resolved against the store), SITE, TARGET and RULE (text
+checked against ``actsparse.vocab``, so that a misspelt name is an error rather than an empty
+result), VARCHAR, INTEGER, DOUBLE, BOOLEAN; defaults are SQL literals (``'text'``, numbers,
+``true``/``false``, ``NULL``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable
 
+from actsparse import vocab
 from actsparse.errors import ActsparseError
 
-TYPES = ("RUN", "VARCHAR", "INTEGER", "DOUBLE", "BOOLEAN")
+NAMES = {"SITE": vocab.SITES, "TARGET": vocab.TARGETS, "RULE": vocab.RULES}  # text types of a closed vocabulary
+TYPES = ("RUN", *NAMES, "VARCHAR", "INTEGER", "DOUBLE", "BOOLEAN")
 _PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z]+)\s*(?:=\s*(?P<default>.+?))?\s*:\s*(?P<doc>.*)$")
 _USED = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _NO_DEFAULT = object()
@@ -84,6 +88,9 @@ class Param:
                 raise ValueError
         except ValueError:
             raise ActsparseError(f"parameter {self.name} must be {self.type}, got {value!r}") from None
+        if self.type in NAMES and str(value) not in NAMES[self.type]:
+            raise ActsparseError(f"parameter {self.name}: unknown {self.type.lower()} {str(value)!r} "
+                                 f"(choose {', '.join(NAMES[self.type])})")
         return str(value)
 
 
@@ -184,6 +191,8 @@ def parse(name: str, text: str) -> NamedQuery:
                                  f"(expected 'param NAME TYPE [= DEFAULT]: description', TYPE in {', '.join(TYPES)})")
         default = _NO_DEFAULT if m.group("default") is None else _default(m.group("default"), m.group("type"), where)
         declared.append(Param(m.group("name"), m.group("type"), default, m.group("doc").strip()))
+        if m.group("type") in NAMES and default not in (_NO_DEFAULT, None):
+            declared[-1].convert(default)  # a default outside the vocabulary is the file's error
     code = re.sub(r"--[^\n]*", "", re.sub(r"'(?:[^']|'')*'", "''", sql))  # strings and comments hold no parameters
     used = set(_USED.findall(code))
     names = {p.name for p in declared}

@@ -1,7 +1,7 @@
 -- purpose: Critical sparsity across runs: for each run, target, rule, metric and tolerance, the highest
 --   sparsity whose error stays within the tolerance (analysis output), with the run's model and corpus.
--- param target VARCHAR = NULL: only this target (NULL: every target)
--- param rule VARCHAR = 'top-p': only this rule (NULL: every rule)
+-- param target TARGET = NULL: only this target (NULL: every target)
+-- param rule RULE = 'top-p': only this rule (NULL: every rule)
 -- param metric VARCHAR = NULL: only this error metric (NULL: every metric)
 -- param tolerance DOUBLE = NULL: only this tolerance (NULL: every tolerance)
 -- columns: model_name, corpus, run_id, target, rule, metric, tolerance, critical_sparsity_interp,

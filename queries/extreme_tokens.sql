@@ -1,7 +1,7 @@
 -- purpose: The most and the least sparse tokens of a run (top-p sparsity at p, non-special tokens), with
 --   their text and the neighbouring tokens of the same window ([brackets] mark the token itself).
 -- param run RUN: run id or unique prefix
--- param site VARCHAR = 'intermediate': FFN site
+-- param site SITE = 'intermediate': FFN site
 -- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
 -- param layer INTEGER = -1: one layer, or -1 for the mean over all layers
 -- param n INTEGER = 10: tokens of each kind

@@ -1,7 +1,7 @@
 -- purpose: Sparsity by position in the window: non-special tokens grouped into position buckets, with mean
 --   top-p sparsity at p, L1, max |a| and top-1 share (early positions often behave differently).
 -- param run RUN: run id or unique prefix
--- param site VARCHAR = 'intermediate': FFN site
+-- param site SITE = 'intermediate': FFN site
 -- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
 -- param layer INTEGER = -1: one layer, or -1 for all layers pooled
 -- param bucket INTEGER = 16: positions per bucket (1: every position)

@@ -2,8 +2,8 @@
 --   value. Reads the analysis curves where they exist; otherwise the top-p points of token_stats
 --   (p = 0.5 ... 0.99, non-special tokens), marked source = 'token_stats'.
 -- param run RUN: run id or unique prefix
--- param target VARCHAR = 'intermediate': analysis target (token_stats: the FFN site)
--- param rule VARCHAR = 'top-p': sparsification rule (token_stats holds top-p only)
+-- param target TARGET = 'intermediate': analysis target (token_stats: the FFN site)
+-- param rule RULE = 'top-p': sparsification rule (token_stats holds top-p only)
 -- param layer INTEGER = -1: one layer, or -1 for the whole model (all layers pooled)
 -- columns: source, value, layer, n_tokens, sparsity_mean, sparsity_p10, sparsity_p50, sparsity_p90,
 --   kept_l1_mean, rel_err_mean, cos_mean

@@ -1,7 +1,7 @@
 -- purpose: Effect of special tokens (BOS and other tokenizer specials) per layer: their mean top-p
 --   sparsity at p, L1, max |a| and top-1 share side by side with ordinary tokens.
 -- param run RUN: run id or unique prefix
--- param site VARCHAR = 'intermediate': FFN site
+-- param site SITE = 'intermediate': FFN site
 -- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
 -- columns: layer, n_special, n_regular, sparsity_special, sparsity_regular, l1_special, l1_regular,
 --   max_abs_special, max_abs_regular, max_abs_ratio, top1_share_special, top1_share_regular

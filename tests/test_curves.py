@@ -167,6 +167,8 @@ def test_missing_site_is_named(tiny_llama, text_corpus, tmp_path):
     (["--grid", "0.5,1.2"], "[0, 1]"),
     (["--grid", "0.5,x"], "comma-separated numbers"),
     (["--grid", ","], "--grid has no values"),  # never silently the default grid
+    (["--rule", "top-p,foo", "--grid", "0.5"], "unknown rule 'foo'"),  # the unknown name, not "one --rule"
+    (["--rule", "top-p,top-k", "--grid", "0.5"], "--grid needs exactly one --rule"),
     # usage errors: typer's own click (typer._click) must be caught too, not left as a traceback
     (["--bogus"], "No such option: --bogus (see actsparse curves --help)"),
     (["--tolerance", "abc"], "Invalid value for '--tolerance'"),

@@ -28,10 +28,11 @@ def curves(
     from rich.console import Console
     from rich.table import Table
 
-    from analyze.curves import DEFAULT_TOLERANCE, compute_curves, critical_sparsity
+    from analyze.curves import DEFAULT_TOLERANCE, CurveConfig, compute_curves, critical_sparsity
 
     rules = names(rule)
     g = numbers(grid, "--grid")
+    CurveConfig(targets=names(target), rules=rules).validate()  # an unknown name first, whatever else is wrong
     if g and len(rules) != 1:
         raise ActsparseError("--grid needs exactly one --rule")
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
