@@ -6,6 +6,7 @@ non-zero exit status; no traceback reaches the user.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,7 +35,10 @@ def _table(rows: list[dict], title: str | None = None, columns: list[str] | None
     t = Table(title=title, show_lines=False)
     columns = columns or (list(rows[0]) if rows else [])
     for c in columns:
-        t.add_column(c)
+        if c == "run_id":  # ids are what the next command needs: never folded or cut, however narrow the terminal
+            t.add_column(c, no_wrap=True, min_width=16)
+        else:
+            t.add_column(c)
     for r in rows:
         t.add_row(*[_fmt(r.get(c)) for c in columns])
     return t
@@ -74,8 +78,13 @@ def corpora_list() -> None:
     out.print("User files: .txt, .jsonl (--text-field, default 'text'), .parquet (--text-field column), or a directory of .txt")
 
 
+_JOB_OPTIONS = ("model", "corpus", "sites", "max_tokens", "seq_len", "batch_size", "dtype", "compute_dtype",
+                "chunk_tokens", "split", "text_field", "no_bos", "trust_remote_code")
+
+
 @app.command()
 def collect(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="alias (see `models list`), HF id or checkpoint dir"),
     corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="wiki | shakespeare | path to .txt/.jsonl/.parquet"),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="store directory (created if missing)"),
@@ -98,6 +107,11 @@ def collect(
     _threads(threads)
     if config is not None:
         from pipeline.jobs import run_jobs
+
+        given = [p for p in _JOB_OPTIONS if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
+        if given:  # never silently ignored: a job's settings come from the file only
+            raise ActsparseError(f"--config takes every job setting from the file; also given: "
+                                 f"{', '.join('--' + p.replace('_', '-') for p in given)} (put them in its [defaults])")
 
         failed = run_jobs(config, store=store, progress=not quiet, log=out.print)
         if failed:
@@ -122,7 +136,11 @@ def runs(store: str = typer.Argument(..., help="store path or URL")) -> None:
     st = StoreReader(store)
     rows = []
     for rid in st.run_ids(include_incomplete=True):
-        m = st.manifest(rid, missing_ok=True)
+        try:
+            m = st.manifest(rid, missing_ok=True)
+        except ActsparseError as e:  # one damaged run is listed as such, not an error for the store
+            rows.append(dict(run_id=rid, status=f"damaged: {str(e).removeprefix(f'run {rid}: ')} (see `actsparse verify`)"))
+            continue
         if not m:
             rows.append(dict(run_id=rid, status="no manifest (failed before collection started)"))
             continue
@@ -161,15 +179,15 @@ def main() -> None:
         sys.exit(rc if isinstance(rc, int) else 0)
     except ActsparseError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        sys.exit(2)
+        _exit_now(2)
     except OSError as e:
         from pipeline.store import disk_error
 
         err.print(f"[red]error:[/red] {escape(str(disk_error(e, 'running the command')))}", highlight=False)
-        sys.exit(2)
+        _exit_now(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]; rerun the same command to resume")
-        sys.exit(130)
+        _exit_now(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -178,7 +196,18 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         err.print(f"[red]error:[/red] {escape(e.format_message())}{escape(hint)}", highlight=False)
-        sys.exit(e.exit_code)
+        _exit_now(e.exit_code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit after an error without the interpreter's teardown: the work that failed may leave reads in
+    flight (zarr's pending asyncio tasks print "Task was destroyed but it is pending!" when collected)
+    or library threads mid-call (aborts with "terminate called without an active exception"), which
+    would turn the one-line error into several lines or exit 134. Every ``with`` block has already
+    closed what it opened while the error propagated."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _click_exceptions() -> tuple[type, ...]:

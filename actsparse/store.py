@@ -334,14 +334,15 @@ class Store:
         stmts = statements(query)
         if len(stmts) != 1:
             raise ActsparseError(f"give exactly one SQL statement (got {len(stmts)})")
-        kind = stmts[0].type
+        kind, text = stmts[0].type, stmts[0].query
         if kind == duckdb.StatementType.EXPLAIN:
             # EXPLAIN ANALYZE executes its statement, so what it explains must be a SELECT too.
-            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", stmts[0].query, flags=re.IGNORECASE)
-            inner_stmts = statements(inner)
+            text = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", text, flags=re.IGNORECASE)
+            inner_stmts = statements(text)
             kind = inner_stmts[0].type if len(inner_stmts) == 1 else None
         if kind != duckdb.StatementType.SELECT:
-            what = getattr(kind, "name", "this")
+            # the statement's own first word: DuckDB's type names differ (INSTALL is a LOAD statement)
+            what = (re.findall(r"[A-Za-z]+", text) or ["this"])[0].upper()
             raise ActsparseError(f"only SELECT queries are allowed; the store is read-only ({what} statement refused)")
 
     def arrow(self, query: str, **params):

@@ -419,7 +419,9 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         targets: subset of ``TARGETS``; rules: subset of ``analyze.rules.RULES``.
         grids: ``{rule: values}``; default ``DEFAULT_GRIDS`` (top-p: the paper's 26 values). For
             ``threshold`` the values are target sparsities; tau is calibrated per layer on every
-            ``CALIBRATION_EVERY``-th window, and only the other windows are evaluated.
+            ``CALIBRATION_EVERY``-th window, and only the other windows are evaluated for it (the
+            other rules evaluate every window: with threshold among several rules, the result joins
+            two analyses, each with its own ``analysis_id``).
         power: top-p power q >= 1 (authors' ``topp_power``).
         include_special: count BOS/special tokens (excluded by default: attention-sink tokens skew
             statistics, pitfall P4).
@@ -438,7 +440,8 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         analysis_id, label ("open-loop"). ``value`` is the grid value (threshold: target sparsity).
 
     Raises:
-        ActsparseError: unknown run/target/rule, grid out of range, missing sites, NaN/Inf in the data.
+        ActsparseError: unknown run/target/rule, grid out of range, missing sites, NaN/Inf in the data,
+            the threshold rule on a run with no window left to evaluate after calibration.
     """
     import polars as pl
 
@@ -452,17 +455,32 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
     glu = run.manifest["model"]["ffn"].get("pattern", "glu") != "mlp"
     for t in cfg.targets:
         required_sites(t, run.sites, glu)
+    if "threshold" in cfg.rules and len(cfg.rules) > 1:
+        # the threshold rule evaluates only the windows that do not calibrate it; every other rule
+        # keeps every window, so the two are separate analyses (each cached on its own)
+        parts = [compute_curves(st, run.run_id, targets=cfg.targets, rules=rs, grids=cfg.grids, power=cfg.power,
+                                include_special=include_special, with_error=with_error, block_tokens=block_tokens,
+                                layers=layers, use_cache=use_cache, progress=progress)
+                 for rs in ([r for r in cfg.rules if r != "threshold"], ["threshold"])]
+        return pl.concat(parts, how="diagonal_relaxed").sort(
+            ["target", "rule", "layer", "value"], descending=[False, False, False, True])
     analysis_id = fmt.content_hash(cfg.ident())
     cache_path = f"runs/{run.run_id}/analysis/curves-{analysis_id}.parquet"
     if use_cache and layers is None and st.fs.exists(st.path(cache_path)):
         with st.fs.open(st.path(cache_path), "rb") as f:
-            return pl.read_parquet(f)
+            df = pl.read_parquet(f)
+        if not st.fs.exists(st.path(_critical_path(cache_path))):  # cached before critical rows were stored
+            _save_critical(st, run, cache_path, df)
+        return df
 
     tokens = run.tokens()
     special = tokens["special"].to_numpy()
     seq = tokens["sequence"].to_numpy()
     calib = (seq % CALIBRATION_EVERY == 0) if "threshold" in cfg.rules else np.zeros(len(seq), bool)
     include = np.ones(len(seq), bool) if include_special else ~special
+    if "threshold" in cfg.rules and not (include & ~calib).any():
+        raise ActsparseError(f"threshold rule: run {run.run_id} has {len(np.unique(seq))} window(s), all of them "
+                             f"calibrating tau (every {CALIBRATION_EVERY}th); it needs windows left to evaluate")
     from transformers.activations import ACT2FN
 
     act_fn = ACT2FN[run.activation]
@@ -532,7 +550,21 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         ["target", "rule", "layer", "value"], descending=[False, False, False, True])
     if use_cache and layers is None:
         _save(st, run, cache_path, df)
+        _save_critical(st, run, cache_path, df)
     return df
+
+
+def _critical_path(cache_path: str) -> str:
+    return cache_path.replace("/curves-", "/critical-")
+
+
+def _save_critical(st, run, cache_path: str, df) -> None:
+    """Store the open-loop critical sparsity of a cached analysis at the default tolerance beside it
+    (``critical-<analysis_id>.parquet``: the store's ``critical_sparsity`` table)."""
+    import polars as pl
+
+    crit = critical_sparsity(df).with_columns(analysis_id=pl.lit(df["analysis_id"][0]))
+    _save(st, run, _critical_path(cache_path), crit)
 
 
 def _needed(cfg: CurveConfig, run) -> list[str]:
@@ -584,6 +616,12 @@ def _save(st, run, rel_path: str, df) -> None:
     update_checksums(Path(st.root) / "runs" / run.run_id, [path])
 
 
+def check_tolerance(tolerance: float) -> None:
+    """Raise ActsparseError unless ``tolerance`` (a relative error bound) is a finite number >= 0."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ActsparseError(f"--tolerance must be a finite number >= 0 (a relative error bound), got {tolerance}")
+
+
 def critical_sparsity(curves, tolerance: float = DEFAULT_TOLERANCE, metric: str = "rel_err_mean"):
     """Offline critical sparsity per run x target x rule from model-level curve rows (layer -1).
 
@@ -594,9 +632,13 @@ def critical_sparsity(curves, tolerance: float = DEFAULT_TOLERANCE, metric: str 
     Returns:
         polars DataFrame: run_id, target, rule, tolerance, metric, critical_sparsity_grid,
         critical_value_grid, critical_sparsity_interp, label ("open-loop").
+
+    Raises:
+        ActsparseError: a tolerance that is negative or not a finite number.
     """
     import polars as pl
 
+    check_tolerance(tolerance)
     rows = []
     model = curves.filter(pl.col("layer") == -1)
     for (run_id, target, rule), g in model.group_by(["run_id", "target", "rule"], maintain_order=True):

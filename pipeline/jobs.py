@@ -24,16 +24,40 @@ from pathlib import Path
 from typing import Callable
 
 from actsparse.errors import ActsparseError
+from actsparse.parsing import names
 from pipeline.collect import CollectConfig, collect
 
 _FIELDS = {f.name for f in dataclasses.fields(CollectConfig)}
+# The TOML type each CollectConfig field takes (sites: a list of names, or one comma-separated string)
+_KINDS = {"model": str, "corpus": str, "max_tokens": int, "seq_len": int, "batch_size": int, "dtype": str,
+          "compute_dtype": str, "chunk_tokens": int, "split": str, "text_field": str, "add_bos": bool,
+          "trust_remote_code": bool}
+assert set(_KINDS) | {"sites"} == _FIELDS, "every CollectConfig field has a TOML type"
+
+
+def _checked(key: str, value, where: str):
+    """``value`` of field ``key`` as CollectConfig takes it; ActsparseError naming ``where`` otherwise."""
+    if key == "sites":
+        if isinstance(value, str):
+            return names(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ActsparseError(f"{where}: sites must be a list of site names, got {value!r}")
+    kind = _KINDS[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ActsparseError(f"{where}: {key} must be {_KIND_WORDS[kind]}, got {value!r}")
+    return value
+
+
+_KIND_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:
     """Parse a jobs file into ``(store, configs)``.
 
     Raises:
-        ActsparseError: missing or invalid TOML, unknown keys, a job without model or corpus.
+        ActsparseError: missing or invalid TOML, unknown keys, a value of the wrong type, a job without
+            model or corpus (before any job runs).
     """
     try:
         doc = tomllib.loads(Path(path).read_text())
@@ -56,10 +80,9 @@ def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:
             raise ActsparseError(f"jobs file {path}, job {i}: unknown key(s) {', '.join(sorted(bad))}")
         if "model" not in merged or "corpus" not in merged:
             raise ActsparseError(f"jobs file {path}, job {i}: needs model and corpus")
-        axes = {k: v for k, v in merged.items() if isinstance(v, list) and k != "sites"}
-        fixed = {k: v for k, v in merged.items() if k not in axes}
-        if "sites" in fixed:
-            fixed["sites"] = tuple(fixed["sites"])
+        where = f"jobs file {path}, job {i}"
+        axes = {k: [_checked(k, x, where) for x in v] for k, v in merged.items() if isinstance(v, list) and k != "sites"}
+        fixed = {k: _checked(k, v, where) for k, v in merged.items() if k not in axes}
         for combo in itertools.product(*axes.values()):
             configs.append(CollectConfig(**fixed, **dict(zip(axes, combo))))
     return doc.get("store"), configs
@@ -69,6 +92,8 @@ def run_jobs(path: Path, *, store: Path | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> list[tuple[CollectConfig, str]]:
     """Run every job; return the failed ones as ``(config, one-line reason)``."""
     file_store, configs = load_jobs(path)
+    if file_store is not None and not isinstance(file_store, str):
+        raise ActsparseError(f"jobs file {path}: store must be a string, got {file_store!r}")
     target = store or file_store
     if target is None:
         raise ActsparseError(f"jobs file {path} names no store; pass --store")

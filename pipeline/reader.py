@@ -150,11 +150,32 @@ class StoreReader:
         return list(self.manifests(include_incomplete=include_incomplete))
 
     def manifests(self, *, include_incomplete: bool = False) -> dict[str, dict]:
-        """``{run id: manifest}`` of the runs (complete ones unless asked), in id order: one read per run."""
-        listed = self.listed_run_ids()
-        found = {i: self.manifest(i, missing_ok=True) for i in sorted(set(listed or ()) | set(self.catalogue_run_ids()))}
+        """``{run id: manifest}`` of the runs (complete ones unless asked), in id order: one read per run.
+
+        A run whose manifest cannot be read (invalid JSON, wrong fields) is left out, so one damaged run
+        does not hide the others; :meth:`damaged_runs` names it, and opening it by id raises.
+        """
+        found = {}
+        for i in self._candidate_ids():
+            try:
+                found[i] = self.manifest(i, missing_ok=True)
+            except ActsparseError:
+                continue
         return {i: m for i, m in found.items()
                 if m.get("status") is not None and (include_incomplete or m["status"] == "complete")}
+
+    def damaged_runs(self) -> dict[str, str]:
+        """``{run id: why}`` of the runs whose manifest cannot be read (left out of :meth:`manifests`)."""
+        damaged = {}
+        for i in self._candidate_ids():
+            try:
+                self.manifest(i, missing_ok=True)
+            except ActsparseError as e:
+                damaged[i] = str(e)
+        return damaged
+
+    def _candidate_ids(self) -> list[str]:
+        return sorted(set(self.listed_run_ids() or ()) | set(self.catalogue_run_ids()))
 
     def manifest(self, run_id: str, *, missing_ok: bool = False) -> dict:
         if not fmt.RUN_ID_RE.match(run_id):
@@ -266,9 +287,20 @@ class Run:
         return self._arrays[site]
 
     def read(self, site: str, layer: int, start: int = 0, stop: int | None = None, *, to: str = "float32"):
-        """Dense activations of one layer as a torch tensor ``[stop-start, width]`` (float32 by default)."""
+        """Dense activations of one layer as a torch tensor ``[stop-start, width]`` (float32 by default).
+
+        Raises:
+            ActsparseError: a shard cannot be read or decoded (a truncated or damaged file: the checksum
+                or the codec refuses it), naming the run, site, layer and tokens.
+        """
         arr = self.array(site)
-        return fmt.decode(arr[layer, start:stop], self.manifest["arrays"][site]["logical_dtype"], to=to)
+        try:
+            block = arr[layer, start:stop]
+        except (ValueError, RuntimeError, OSError) as e:  # zarr's crc32c check, blosc, the filesystem
+            raise ActsparseError(f"run {self.run_id}: cannot read {site} layer {layer} tokens {start}:{stop or self.n_tokens} "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                                 "`actsparse verify` checks the store") from e
+        return fmt.decode(block, self.manifest["arrays"][site]["logical_dtype"], to=to)
 
     def blocks(self, site: str, layer: int, block_tokens: int | None = None) -> Iterator[tuple[int, object]]:
         """Yield ``(start, tensor [n, width])`` over the tokens, one stored chunk at a time."""

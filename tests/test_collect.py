@@ -16,6 +16,7 @@ import torch
 from actsparse.errors import ActsparseError
 from pipeline import store as fmt
 from pipeline.collect import CollectConfig, collect
+from pipeline.jobs import load_jobs
 from pipeline.reader import StoreReader
 from tests.conftest import ROOT, build_tiny, run_cli, tmpfs
 
@@ -192,6 +193,37 @@ sites = ["output"]
     assert len(StoreReader(str(tmp_path / "S")).run_ids()) == 2
     r2 = run_cli("collect", "--config", str(jobs), "-q")
     assert r2.stdout.count("already complete") == 2
+
+
+@pytest.mark.parametrize("line, words", [
+    ('max_tokens = "lots"', "job 1: max_tokens must be an integer, got 'lots'"),
+    ("text_field = 5", "job 1: text_field must be a string, got 5"),
+    ("add_bos = 1", "job 1: add_bos must be true or false, got 1"),
+    ("sites = [1, 2]", "job 1: sites must be a list of site names"),
+    ('seq_len = ["x", 64]', "job 1: seq_len must be an integer, got 'x'"),
+])
+def test_a_jobs_file_with_a_wrong_type_is_refused_before_any_job_runs(line, words, tmp_path):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'store = "S"\n[[jobs]]\nmodel = "m"\ncorpus = "c"\n{line}\n[[jobs]]\nmodel = "m2"\ncorpus = "c"\n')
+    r = run_cli("collect", "--config", str(jobs), "-q")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert not (tmp_path / "S").exists()
+
+
+def test_job_options_beside_a_jobs_file_are_refused_not_ignored(tmp_path):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('store = "S"\n[[jobs]]\nmodel = "m"\ncorpus = "c"\n')
+    r = run_cli("collect", "--config", str(jobs), "--model", "smollm2-135m", "--seq-len", "64", "-q")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "also given: --model, --seq-len (put them in its [defaults])" in r.stderr
+    assert not (tmp_path / "S").exists()
+
+
+def test_jobs_sites_may_be_one_comma_separated_string(tmp_path):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[jobs]]\nmodel = "m"\ncorpus = "c"\nsites = "input, gate"\n')
+    assert load_jobs(jobs)[1][0].sites == ("input", "gate")
 
 
 # ------------------------------------------------------------------ bad input: one line, non-zero, nothing complete

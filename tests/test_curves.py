@@ -116,6 +116,18 @@ def test_other_rules_and_threshold_calibration(tiny_store):
     assert err < 0.08
     maxp = df.filter((pl.col("rule") == "max-p") & (pl.col("layer") == -1)).sort("value")
     assert maxp["sparsity_mean"].is_sorted()
+    # asking for threshold too changes nothing for the other rules: they keep every window
+    alone = compute_curves(store, run_id, rules=("top-k", "max-p"), use_cache=False)
+    both = df.filter(pl.col("rule") != "threshold")
+    assert both.drop("analysis_id").equals(alone.drop("analysis_id"))
+    assert topk["n_tokens"][0] > thr.filter(pl.col("layer") == 1)["n_tokens"][0]
+
+
+def test_threshold_needs_windows_left_after_calibration(tiny_llama, text_corpus, tmp_path):
+    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=60, seq_len=64),
+                  tmp_path, progress=False, log=lambda m: None)
+    with pytest.raises(ActsparseError, match="1 window\\(s\\), all of them calibrating tau"):
+        compute_curves(tmp_path, res.run_id, rules=("threshold",), use_cache=False)
 
 
 def test_results_are_cached_in_the_store_by_config_hash(tiny_store):
@@ -130,6 +142,14 @@ def test_results_are_cached_in_the_store_by_config_hash(tiny_store):
     assert len(list((store / "runs" / run_id / "analysis").glob("curves-*.parquet"))) == 2
     checks = json.loads((store / "runs" / run_id / "checksums.json").read_text())
     assert any("analysis/curves-" in k for k in json.dumps(checks).split('"'))
+    # each cached analysis stores its critical sparsity at the default tolerance: the SQL table
+    from actsparse.store import Store
+
+    with Store(store) as st:
+        stored = st.sql("SELECT * FROM critical_sparsity WHERE analysis_id = $a", a=a["analysis_id"][0])
+    want = critical_sparsity(a)
+    assert stored.height == want.height == 1 and stored["tolerance"][0] == 0.1
+    assert stored["critical_sparsity_interp"][0] == pytest.approx(want["critical_sparsity_interp"][0], nan_ok=True)
 
 
 def test_critical_point_interpolation():
@@ -169,6 +189,8 @@ def test_missing_site_is_named(tiny_llama, text_corpus, tmp_path):
     (["--grid", ","], "--grid has no values"),  # never silently the default grid
     (["--rule", "top-p,foo", "--grid", "0.5"], "unknown rule 'foo'"),  # the unknown name, not "one --rule"
     (["--rule", "top-p,top-k", "--grid", "0.5"], "--grid needs exactly one --rule"),
+    (["--tolerance", "-1"], "--tolerance must be a finite number >= 0"),
+    (["--tolerance", "nan"], "--tolerance must be a finite number >= 0"),
     # usage errors: typer's own click (typer._click) must be caught too, not left as a traceback
     (["--bogus"], "No such option: --bogus (see actsparse curves --help)"),
     (["--tolerance", "abc"], "Invalid value for '--tolerance'"),
@@ -252,3 +274,16 @@ def test_real_open_loop_error_equals_in_model_hook(smollm2_store):
             live = float(torch.cat(errs)[torch.from_numpy(keep)].double().mean())
             offline = df.filter((pl.col("layer") == layer) & (pl.col("value") == p))["rel_err_mean"][0]
             assert offline == pytest.approx(live, rel=0.02), (target, p, offline, live)
+
+
+def test_a_damaged_shard_is_one_line_naming_it(tiny_llama, text_corpus, tmp_path):
+    """A truncated shard file: zarr's checksum refuses it; curves says which array, not a traceback."""
+    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=200, seq_len=64,
+                                chunk_tokens=128), tmp_path, progress=False, log=lambda m: None)
+    shard = res.path / "activations.zarr" / "gate" / "c" / "0" / "0" / "0"
+    with open(shard, "r+b") as f:
+        f.truncate(10)
+    r = run_cli("curves", str(tmp_path), "--target", "gate", "--grid", "0.9", "--no-cache")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"run {res.run_id}: cannot read gate layer 0 tokens 0:" in r.stderr and "actsparse verify" in r.stderr

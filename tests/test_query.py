@@ -259,6 +259,42 @@ def test_every_named_query_runs(store, tmp_path):
     assert ev["run_id"].to_list() == [a, None]
 
 
+def test_sparsity_curve_reads_one_analysis_and_the_site_of_the_target(store, tmp_path):
+    path, a, b = store
+    dst = _with_analysis(path, tmp_path / "A", a)
+    adir = dst / "runs" / a / "analysis"
+    # a second analysis of the same run, target and rule with fewer grid values
+    other = pl.read_parquet(adir / "curves-0123456789abcdef.parquet").head(2).with_columns(
+        analysis_id=pl.lit("b2"), n_tokens=pl.lit(900, pl.Int64))
+    other.write_parquet(adir / "curves-fedcba9876543210.parquet")
+    share.update_checksums(dst / "runs" / a, [adir / "curves-fedcba9876543210.parquet"])
+    with Store(dst) as st:
+        chosen = st.query("sparsity_curve", run=a)  # never rows of two analyses mixed
+        named = st.query("sparsity_curve", run=a, analysis="b")
+        sites = set(st.sql("SELECT DISTINCT site FROM token_stats WHERE run_id = $r", r=a)["site"])
+        gate = st.query("sparsity_curve", run=a, target="gate")
+    assert chosen["analysis_id"].unique().to_list() == ["a1"] and chosen.height == 3
+    assert named["analysis_id"].unique().to_list() == ["b2"] and named["n_tokens"].to_list() == [900, 900]
+    # the gate target is the activation output: token_stats of the site act, never the pre-activation gate
+    assert "gate" in sites and (gate.height == 0) == ("act" not in sites)
+
+
+def test_one_damaged_manifest_leaves_the_other_runs_readable(store, tmp_path):
+    path, a, b = store
+    dst = tmp_path / "S"
+    shutil.copytree(path, dst)
+    (dst / "runs" / "deadbeefdeadbeef").mkdir()
+    (dst / "runs" / "deadbeefdeadbeef" / "manifest.json").write_text("{not json")
+    with Store(dst) as st:
+        assert sorted(st.sql("SELECT run_id FROM runs")["run_id"]) == sorted([a, b])
+    narrow, wide = run_cli("runs", str(dst), env={"COLUMNS": "80"}), run_cli("runs", str(dst), env={"COLUMNS": "400"})
+    assert narrow.returncode == wide.returncode == 0, narrow.stderr
+    assert all(i in narrow.stdout for i in (a, b, "deadbeefdeadbeef"))  # whole ids, even 80 columns wide
+    assert "damaged: manifest is not valid JSON" in wide.stdout
+    with pytest.raises(ActsparseError, match="manifest is not valid JSON"):
+        StoreReader(str(dst)).run("deadbeef")
+
+
 def test_named_query_parameters(store):
     path, a, b = store
     with Store(path) as st:
@@ -385,6 +421,14 @@ def test_writes_are_refused_and_leave_the_store_unchanged(store, tmp_path, state
     r = run_cli("sql", str(path), sql)
     assert r.returncode != 0 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
     assert _tree_digest(path) == before
+
+
+def test_a_refused_statement_is_named_by_its_own_keyword(store):
+    with Store(store[0]) as st:
+        for sql, word in (("INSTALL httpfs", "INSTALL"), ("EXPLAIN ANALYZE DELETE FROM runs", "DELETE"),
+                          ("  pragma enable_profiling", "PRAGMA")):
+            with pytest.raises(ActsparseError, match=f"read-only \\({word} statement refused\\)"):
+                st.sql(sql)
 
 
 def test_cli_formats_errors_and_out_file(store, tmp_path):

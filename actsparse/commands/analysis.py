@@ -28,7 +28,7 @@ def curves(
     from rich.console import Console
     from rich.table import Table
 
-    from analyze.curves import DEFAULT_TOLERANCE, CurveConfig, compute_curves, critical_sparsity
+    from analyze.curves import DEFAULT_TOLERANCE, CurveConfig, check_tolerance, compute_curves, critical_sparsity
 
     rules = names(rule)
     g = numbers(grid, "--grid")
@@ -36,6 +36,7 @@ def curves(
     if g and len(rules) != 1:
         raise ActsparseError("--grid needs exactly one --rule")
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    check_tolerance(tol)  # before the sweep
     df = compute_curves(store, run, targets=names(target), rules=rules, grids={rules[0]: g} if g else None,
                         power=power, include_special=include_special, use_cache=not no_cache)
     model = df.filter(pl.col("layer") == -1)
