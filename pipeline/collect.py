@@ -461,6 +461,9 @@ def _collect_locked(cfg, paths, run_dir, resolved, tok, corpus, windows, run_id,
     start_token = min(done * T, n_tokens)
     if done:
         log(f"resuming run {run_id} at token {start_token} of {n_tokens}")
+    elif cfg.max_tokens is not None and n_tokens < cfg.max_tokens:
+        log(f"corpus {corpus.name} split '{cfg.split}' holds {n_tokens} tokens, fewer than --max-tokens {cfg.max_tokens}: "
+            f"collecting all of them")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     if on_shard is None:

@@ -329,3 +329,13 @@ def test_real_smollm2_decodes_to_source_and_reconstructs_ffn_output(smollm2_stor
         rel = (y - fresh[layer]).norm() / fresh[layer].norm()
         assert rel < 1e-2, (layer, float(rel))  # bf16 storage of h: ~2^-9 relative per entry
         torch.testing.assert_close(run.read("output", layer, 0, n), fresh[layer].to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_a_corpus_shorter_than_max_tokens_is_said(tiny_llama, tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("A short text of a few words.\n\nAnd a second document, also short.\n")
+    said = []
+    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(corpus), max_tokens=5000, seq_len=16),
+                  tmp_path / "S", progress=False, log=said.append)
+    assert res.n_tokens < 5000
+    assert any(f"holds {res.n_tokens} tokens, fewer than --max-tokens 5000" in m for m in said), said

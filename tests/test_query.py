@@ -431,6 +431,18 @@ def test_a_refused_statement_is_named_by_its_own_keyword(store):
                 st.sql(sql)
 
 
+def test_an_empty_named_query_says_what_the_run_holds(store):
+    path, a, _ = store
+    r = run_cli("query", "layer_profile", str(path), "--param", f"run={a}", "--param", "site=act")
+    assert r.returncode == 0 and "(0 rows)" in r.stdout
+    m = StoreReader(str(path)).manifest(a)
+    assert r.stderr.strip() == (f"note: no rows; run {a} holds sites {', '.join(m['arrays'])} "
+                                f"and layers 0-{m['model']['ffn']['n_layers'] - 1}")
+    assert "act" not in m["arrays"]
+    full = run_cli("query", "layer_profile", str(path), "--param", f"run={a}", "--param", "site=gate")
+    assert full.returncode == 0 and full.stderr == ""
+
+
 def test_cli_formats_errors_and_out_file(store, tmp_path):
     path, a, _ = store
     with Store(path) as st:

@@ -46,7 +46,26 @@ def query(
     # store's only run, which st.query decides
     q.bind(params, resolve_run=lambda ref: ref, only_run="")
     with open_store(store, memory_limit, threads) as st:
-        emit(st.query(q.name, **params), st, format, out, max_rows)
+        df = st.query(q.name, **params)
+        emit(df, st, format, out, max_rows)
+        if df.height == 0:
+            hint = _empty_hint(q, params, st)
+            if hint:
+                typer.echo(f"note: no rows; {hint}", err=True)
+
+
+def _empty_hint(q, params: dict, st) -> str:
+    """What the runs a query was given hold (sites, layers), so an empty result can be told from a wrong choice."""
+    runs = [p.name for p in q.params if p.type == "RUN"]
+    given = {p.name for p in q.params} & set(params)
+    if not runs or not given & {"site", "target", "layer"}:
+        return ""
+    bound = q.bind(params, resolve_run=st.resolve_run, only_run=st.run_ids[0] if len(st.run_ids) == 1 else None)
+    parts = []
+    for name in runs:
+        m = st.manifests[bound[name]]
+        parts.append(f"run {m['run_id']} holds sites {', '.join(m['arrays'])} and layers 0-{m['model']['ffn']['n_layers'] - 1}")
+    return "; ".join(parts)
 
 
 def register(app: typer.Typer) -> None:
