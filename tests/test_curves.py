@@ -211,6 +211,14 @@ def test_cli_says_when_no_grid_value_meets_the_tolerance(tiny_store):
     assert "(rel err <= 0): no grid value keeps the error within the tolerance" in out and "nan" not in out
 
 
+def test_cli_prints_targets_in_the_order_given(tiny_store):
+    store, _ = tiny_store
+    r = run_cli("curves", str(store), "--target", "up,gate", "--grid", "0.5", "--no-cache", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.index("up / top-p") < r.stdout.index("gate / top-p")
+    assert r.stdout.index("critical sparsity up/top-p") < r.stdout.index("critical sparsity gate/top-p")
+
+
 def test_cli_newer_format_and_nan_are_reported(tiny_store, tmp_path):
     import shutil
 

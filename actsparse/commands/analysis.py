@@ -41,8 +41,9 @@ def curves(
                         power=power, include_special=include_special, use_cache=not no_cache)
     model = df.filter(pl.col("layer") == -1)
     con = Console()
-    for (t, r), part in model.group_by(["target", "rule"], maintain_order=True):
-        part = part.sort("value", descending=True)
+    order = [(t, r) for t in dict.fromkeys(names(target)) for r in dict.fromkeys(rules)]  # as the user listed them
+    for t, r in order:
+        part = model.filter(target=t, rule=r).sort("value", descending=True)
         if not all_rows and part.height > 12:
             idx = sorted(set(range(0, part.height, max(1, part.height // 10))) | {part.height - 1})
             part = part[idx]
@@ -55,7 +56,8 @@ def curves(
                         f"{row['rel_err_mean']:.4f}", f"{row['rel_err_p90']:.4f}", f"{row['cos_mean']:.4f}")
         con.print(tab)
     crit = critical_sparsity(df, tol)
-    for row in crit.iter_rows(named=True):
+    rank = {key: i for i, key in enumerate(order)}
+    for row in sorted(crit.iter_rows(named=True), key=lambda row: rank[(row["target"], row["rule"])]):
         head = f"open-loop critical sparsity {row['target']}/{row['rule']} (rel err <= {tol:g}): "
         if math.isnan(row["critical_sparsity_grid"]):
             con.print(head + "no grid value keeps the error within the tolerance")
