@@ -388,9 +388,13 @@ class Store:
         from queries import get
 
         q = get(name)
-        values = q.bind(params, resolve_run=self.resolve_run,
-                        only_run=self.run_ids[0] if len(self.run_ids) == 1 else None)
+        values = q.bind(params, resolve_run=self.resolve_run, only_run=self.only_run)
         return self.sql(q.sql, **values)
+
+    @property
+    def only_run(self) -> str | None:
+        """The run id of a store holding exactly one complete run, else None."""
+        return self.run_ids[0] if len(self.run_ids) == 1 else None
 
     def resolve_run(self, ref: str) -> str:
         """The complete run id a full id or unique prefix names.

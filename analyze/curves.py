@@ -469,7 +469,7 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
     if use_cache and layers is None and st.fs.exists(st.path(cache_path)):
         with st.fs.open(st.path(cache_path), "rb") as f:
             df = pl.read_parquet(f)
-        if not st.fs.exists(st.path(_critical_path(cache_path))):  # cached before critical rows were stored
+        if st.is_local and not st.fs.exists(st.path(_critical_path(cache_path))):  # cached before critical rows were stored
             _save_critical(st, run, cache_path, df)
         return df
 

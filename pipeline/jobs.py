@@ -33,6 +33,7 @@ _KINDS = {"model": str, "corpus": str, "max_tokens": int, "seq_len": int, "batch
           "compute_dtype": str, "chunk_tokens": int, "split": str, "text_field": str, "add_bos": bool,
           "trust_remote_code": bool}
 assert set(_KINDS) | {"sites"} == _FIELDS, "every CollectConfig field has a TOML type"
+_KIND_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def _checked(key: str, value, where: str):
@@ -48,8 +49,6 @@ def _checked(key: str, value, where: str):
         raise ActsparseError(f"{where}: {key} must be {_KIND_WORDS[kind]}, got {value!r}")
     return value
 
-
-_KIND_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:

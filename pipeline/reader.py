@@ -153,29 +153,16 @@ class StoreReader:
         """``{run id: manifest}`` of the runs (complete ones unless asked), in id order: one read per run.
 
         A run whose manifest cannot be read (invalid JSON, wrong fields) is left out, so one damaged run
-        does not hide the others; :meth:`damaged_runs` names it, and opening it by id raises.
+        does not hide the others (``actsparse runs`` lists it as damaged; opening it by id raises).
         """
         found = {}
-        for i in self._candidate_ids():
+        for i in sorted(set(self.listed_run_ids() or ()) | set(self.catalogue_run_ids())):
             try:
                 found[i] = self.manifest(i, missing_ok=True)
             except ActsparseError:
                 continue
         return {i: m for i, m in found.items()
                 if m.get("status") is not None and (include_incomplete or m["status"] == "complete")}
-
-    def damaged_runs(self) -> dict[str, str]:
-        """``{run id: why}`` of the runs whose manifest cannot be read (left out of :meth:`manifests`)."""
-        damaged = {}
-        for i in self._candidate_ids():
-            try:
-                self.manifest(i, missing_ok=True)
-            except ActsparseError as e:
-                damaged[i] = str(e)
-        return damaged
-
-    def _candidate_ids(self) -> list[str]:
-        return sorted(set(self.listed_run_ids() or ()) | set(self.catalogue_run_ids()))
 
     def manifest(self, run_id: str, *, missing_ok: bool = False) -> dict:
         if not fmt.RUN_ID_RE.match(run_id):

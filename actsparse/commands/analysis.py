@@ -30,18 +30,18 @@ def curves(
 
     from analyze.curves import DEFAULT_TOLERANCE, CurveConfig, check_tolerance, compute_curves, critical_sparsity
 
-    rules = names(rule)
+    targets, rules = names(target), names(rule)
     g = numbers(grid, "--grid")
-    CurveConfig(targets=names(target), rules=rules).validate()  # an unknown name first, whatever else is wrong
+    CurveConfig(targets=targets, rules=rules).validate()  # an unknown name first, whatever else is wrong
     if g and len(rules) != 1:
         raise ActsparseError("--grid needs exactly one --rule")
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
     check_tolerance(tol)  # before the sweep
-    df = compute_curves(store, run, targets=names(target), rules=rules, grids={rules[0]: g} if g else None,
+    df = compute_curves(store, run, targets=targets, rules=rules, grids={rules[0]: g} if g else None,
                         power=power, include_special=include_special, use_cache=not no_cache)
     model = df.filter(pl.col("layer") == -1)
     con = Console()
-    order = [(t, r) for t in dict.fromkeys(names(target)) for r in dict.fromkeys(rules)]  # as the user listed them
+    order = [(t, r) for t in dict.fromkeys(targets) for r in dict.fromkeys(rules)]  # as the user listed them
     for t, r in order:
         part = model.filter(target=t, rule=r).sort("value", descending=True)
         if not all_rows and part.height > 12:

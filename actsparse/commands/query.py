@@ -60,7 +60,7 @@ def _empty_hint(q, params: dict, st) -> str:
     given = {p.name for p in q.params} & set(params)
     if not runs or not given & {"site", "target", "layer"}:
         return ""
-    bound = q.bind(params, resolve_run=st.resolve_run, only_run=st.run_ids[0] if len(st.run_ids) == 1 else None)
+    bound = q.bind(params, resolve_run=st.resolve_run, only_run=st.only_run)
     parts = []
     for name in runs:
         m = st.manifests[bound[name]]
