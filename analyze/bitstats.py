@@ -9,7 +9,7 @@ groups from the largest value down with a float64 running sum and resolving the 
 pattern by pattern. About 1.8 ns per entry on one core, against ~13 ns for the sort-based path
 (BENCHMARKS.md).
 
-Numerics: the top-p threshold is the authors' (paper.md §1.2: descending order, float64 running
+Numerics: the top-p threshold is the authors' (docs/paper-notes.md §1.2: descending order, float64 running
 sum, first value whose running sum reaches ``p * total``, ties at it kept). The running sums here add
 whole groups of equal-exponent values at once; a float64 sum of bfloat16 values is exact until the
 values added fall below ~2^-45 of the running sum, so the result equals ``analyze.rules.topp_mask``
@@ -95,7 +95,7 @@ def _total(gcs, scale, gshift, minb, maxb):  # pragma: no cover - compiled
 def _topp_walk(sig, cnt, gcs, scale, gshift, minb, maxb, total, topp, kept_out, mass_out,
                thr_out):  # pragma: no cover - compiled
     """Top-p kept counts, kept L1 mass and threshold pattern (the smallest kept magnitude pattern) of
-    one token for ascending ``topp`` (paper.md §1.2).
+    one token for ascending ``topp`` (docs/paper-notes.md §1.2).
 
     Walks the groups from the largest value down with a float64 running sum; in a group where a
     target ``total * p`` is reached, pattern by pattern: the first pattern whose running sum reaches
@@ -231,7 +231,7 @@ def _segment_kernel(bits, thr, counts, order):  # pragma: no cover - compiled
     ``_topp_kernel`` fills them: an entry with magnitude pattern b is kept at value q iff
     ``b >= thr[t, q]`` (``counts[t, q]`` such entries), so its segment is the number of thresholds
     <= b and the segments are the differences of the sorted kept counts (as
-    ``analyze.sweep.linear_target_errors`` cuts them).
+    ``actsparse.analyze.linear_errors.linear_target_errors`` cuts them).
     """
     T, W = bits.shape
     n_p = thr.shape[1]
@@ -302,7 +302,7 @@ def bit_stats(bits: np.ndarray, dtype: str, thresholds, topp) -> np.ndarray:
     Returns:
         float64 [tokens, 4 + len(thresholds) + len(topp)]: l1 (sum |a|), l2, max |a|, max |a| / l1
         (NaN when l1 is 0 or inf), the fraction of entries under each threshold, and the top-p
-        sparsity ``1 - kept / width`` per p (paper.md §1.2). A token holding NaN is NaN throughout;
+        sparsity ``1 - kept / width`` per p (docs/paper-notes.md §1.2). A token holding NaN is NaN throughout;
         a token holding inf has l1 = l2 = max = inf and keeps exactly its infinities.
 
     Raises:
@@ -338,14 +338,14 @@ def topp_sweep(bits: np.ndarray, dtype: str, p_values, *, with_order: bool = Fal
         kept_l1 is the kept share of sum |a| (1 for an all-zero token, NaN for a token holding inf).
         With ``with_order``, a third item: int32 [tokens, width], per token the entry indices from
         the smallest magnitude up, in any order within each segment that the kept counts cut (as
-        ``analyze.sweep.linear_target_errors`` takes it).
+        ``actsparse.analyze.linear_errors.linear_target_errors`` takes it).
 
     Raises:
         ValueError: an unknown ``dtype``, a block that is not 2-D, or 32,767 or more grid values
             with ``with_order``.
         ActsparseError: a token holds NaN (as ``analyze.sweep.sort_block``).
     """
-    from actsparse.errors import ActsparseError
+    from actsparse.core.errors import ActsparseError
 
     bits = _as_bits(bits, dtype)
     p = np.asarray(p_values, dtype=np.float64).reshape(-1)

@@ -4,8 +4,8 @@ Every rule maps a block ``a`` of shape ``[tokens, width]`` (any floating dtype; 
 dimensions beyond ``tokens`` also work) to a bool *keep* mask of the same shape, computed
 per token (per row), exactly as the paper authors' harness does it
 (``lm_eval/sparsification_manager.py``: ``get_topp_mask``, ``get_topk_mask``,
-``get_maxp_mask``; reference digest paper.md §1.2–1.4). The threshold rule is the
-calibrated TEAL-style rule of paper.md §8 / conventions.md.
+``get_maxp_mask``; docs/paper-notes.md §1.2–1.4). The threshold rule is the
+calibrated TEAL-style rule of docs/paper-notes.md §8.
 
 Numerics follow the authors to the bit: magnitudes and thresholds live in ``a``'s dtype
 (bf16 in all of the paper's runs), only the top-p cumulative sum is float64, and an
@@ -20,10 +20,10 @@ import math
 
 import torch
 
-from actsparse.errors import ActsparseError
-from actsparse.vocab import RULES
+from actsparse.core.errors import ActsparseError
+from actsparse.core.vocab import RULES
 
-# paper.md §3.3: the dense-model top-p grid (26 points), in the authors' order.
+# docs/paper-notes.md §3.3: the dense-model top-p grid (26 points), in the authors' order.
 DEFAULT_TOPP_GRID = (
     1.00, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
     0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.00,
@@ -63,7 +63,7 @@ def check_rule_value(rule: str, value: float, power: float = 1.0) -> None:
         raise ActsparseError(f"{rule} value must be in [0, 1], got {value!r}")
     if rule == "top-k" and not 0.0 < v <= 1.0:
         raise ActsparseError(f"top-k value (fraction kept) must be in (0, 1], got {value!r}")
-    if rule == "threshold" and not (0.0 <= v and math.isfinite(v)):
+    if rule == "threshold" and not (v >= 0.0 and math.isfinite(v)):
         raise ActsparseError(f"threshold value must be finite and >= 0, got {value!r}")
     if not (q >= 1.0 and math.isfinite(q)):
         raise ActsparseError(f"power must be finite and >= 1, got {power!r}")
@@ -106,7 +106,7 @@ def topp_mask(a: torch.Tensor, p: float, power: float = 1.0) -> torch.Tensor:
     """Top-p keep mask: the fewest largest-|a| entries holding a fraction p of the L1 mass.
 
     a: [tokens, width], any float dtype; returns bool [tokens, width].
-    Source: authors' sparsification_manager.get_topp_mask (paper.md §1.2), reproduced
+    Source: authors' sparsification_manager.get_topp_mask (docs/paper-notes.md §1.2), reproduced
     step by step: s = |a| (or |a|**power, q >= 1) in a's dtype; sort s descending; cumsum
     in float64; total = last cumsum element; idx = first index with cumsum >= p * total
     (0 if none); thr = sorted[idx] (already in a's dtype, so bf16 input gives a bf16
@@ -141,7 +141,7 @@ def topk_mask(a: torch.Tensor, fraction: float) -> torch.Tensor:
     """Top-k keep mask: entries with |a| >= the k-th largest |a|, k = topk_k(width, fraction).
 
     a: [tokens, width], any float dtype; returns bool [tokens, width]. ``fraction`` is
-    the fraction *kept*, in (0, 1]. Source: authors' get_topk_mask (paper.md §1.3);
+    the fraction *kept*, in (0, 1]. Source: authors' get_topk_mask (docs/paper-notes.md §1.3);
     ties at the k-th value are kept, so a row may keep more than k entries.
     """
     check_block(a)
@@ -155,7 +155,7 @@ def maxp_mask(a: torch.Tensor, p: float) -> torch.Tensor:
     """Max-p keep mask: entries with |a| >= p * max|a| of their token.
 
     a: [tokens, width], any float dtype; returns bool [tokens, width]. p in [0, 1].
-    Source: authors' get_maxp_mask (paper.md §1.3). The product p * max is computed in
+    Source: authors' get_maxp_mask (docs/paper-notes.md §1.3). The product p * max is computed in
     a's dtype (torch scalar arithmetic: float32 multiply, then rounded to bf16 for bf16
     input), exactly as in the authors' code. An all-zero row keeps everything.
     """
@@ -166,7 +166,7 @@ def maxp_mask(a: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def threshold_mask(a: torch.Tensor, tau: float) -> torch.Tensor:
-    """Fixed-threshold keep mask: entries with |a| >= tau (TEAL-style, paper.md §8).
+    """Fixed-threshold keep mask: entries with |a| >= tau (TEAL-style, docs/paper-notes.md §8).
 
     a: [tokens, width], any float dtype; returns bool [tokens, width]. ``tau`` is one
     scalar for the whole block, finite and >= 0, rounded to a's dtype before comparing
@@ -232,7 +232,7 @@ def rule_mask(rule: str, a: torch.Tensor, value: float, *, power: float = 1.0) -
 def sparsity(mask: torch.Tensor) -> torch.Tensor:
     """Per-token sparsity: the fraction of entries zeroed, ``#(~mask) / width``.
 
-    mask: bool [tokens, width]; returns float64 [tokens]. Source: paper.md §1.4 (per token
+    mask: bool [tokens, width]; returns float64 [tokens]. Source: docs/paper-notes.md §1.4 (per token
     per hook ``sparse / feat_dim``; zero entries dropped by the rule count as sparse).
     """
     return (~mask).sum(dim=-1).to(torch.float64) / mask.shape[-1]

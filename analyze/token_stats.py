@@ -1,14 +1,15 @@
-"""Per-token statistics (Tier B of conventions.md §5): one Parquet row per (token, layer) and site.
+"""Per-token statistics: one Parquet row per (token, layer) and site, beside the dense activations.
 
 Dense activations stay in Zarr; these small summaries are what DuckDB and Polars query across a whole
 store (``actsparse sql``, ``actsparse query``). Collection computes them for every shard between
-forward passes and its writer thread writes them (:func:`stats_writer`); ``actsparse index`` adds
+forward passes and its writer thread writes them (:data:`TOKEN_STATS`, handed to collection as its
+``statistics``); ``actsparse index`` adds
 them to runs collected before them (:func:`index_store`). Stored 16-bit blocks go through the
 histogram kernel of ``analyze.bitstats`` (~1.8 ns per entry, no sort). They land as::
 
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet     (K: the shard, as tokens/part-K)
 
-Columns (``TOKEN_STATS_SCHEMA``): run_id, site, layer, token_index, sequence, position, token_id,
+Columns (``actsparse.core.format.TOKEN_STATS_COLUMNS``): run_id, site, layer, token_index, sequence, position, token_id,
 special, then per token ``l1`` (sum |a|), ``l2``, ``max_abs``, ``top1_share`` (max |a| / l1),
 ``frac_below_1e_3`` / ``_1e_2`` / ``_1e_1`` (fraction of entries with |a| under 0.001, 0.01, 0.1) and
 ``sparsity_p50`` ... ``sparsity_p99`` (fraction of entries the top-p rule drops at p = 0.5, 0.7, 0.8,
@@ -19,42 +20,22 @@ Rows are ordered by layer, then token, so a filter on one layer reads few row gr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from actsparse.errors import ActsparseError
-from pipeline import store as fmt
+from actsparse.core import format as fmt
+from actsparse.core.checksums import update_checksums
+from actsparse.core.codec import decode
+from actsparse.core.errors import ActsparseError
+from actsparse.core.files import atomic_write_parquet, disk_error, exclusive_lock
+from actsparse.core.format import STAT_COLUMNS, THRESHOLD_COLUMNS, THRESHOLDS, TOPP_COLUMNS, TOPP_VALUES
 
-TOPP_VALUES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-THRESHOLDS = (1e-3, 1e-2, 1e-1)
-TOPP_COLUMNS = tuple(f"sparsity_p{round(p * 100)}" for p in TOPP_VALUES)
-THRESHOLD_COLUMNS = tuple(f"frac_below_1e_{round(-np.log10(t))}" for t in THRESHOLDS)
-STAT_COLUMNS = ("l1", "l2", "max_abs", "top1_share", *THRESHOLD_COLUMNS, *TOPP_COLUMNS)
-DIR = "token_stats"
-# DuckDB parallelises a Parquet scan by row group; 128k rows x 21 columns is ~8 MB per group.
-ROW_GROUP_ROWS = 128 * 1024
 # Entries per piece of work: the float32 path sorts ~20 bytes per entry (values, float64 cumsum), ~40 MB.
 _BLOCK_ENTRIES = 2 * 1024 * 1024
-
-
-def TOKEN_STATS_SCHEMA():
-    """The Arrow schema of every ``token_stats`` part (and of the SQL view ``token_stats``)."""
-    import pyarrow as pa
-
-    keys = [("run_id", pa.string()), ("site", pa.string()), ("layer", pa.int32()), ("token_index", pa.int64()),
-            ("sequence", pa.int64()), ("position", pa.int32()), ("token_id", pa.int32()), ("special", pa.bool_())]
-    return pa.schema(keys + [(c, pa.float32()) for c in STAT_COLUMNS])
-
-
-def part_path(run_dir: Path, site: str, k: int) -> Path:
-    """Where shard ``k``'s statistics of ``site`` live inside ``run_dir``."""
-    return Path(run_dir) / DIR / f"site={site}" / fmt.part_name(k)
 
 
 # ---------------------------------------------------------------- statistics
@@ -80,12 +61,12 @@ def token_stats(block) -> dict[str, np.ndarray]:
     """
     import torch
 
-    from analyze.rules import check_block
+    from actsparse.analyze.rules import check_block
 
     check_block(block, ndim=2)
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(block.dtype)
     if dtype is not None:
-        from analyze.bitstats import bit_stats
+        from actsparse.analyze.bitstats import bit_stats
 
         out = bit_stats(block.contiguous().view(torch.int16).numpy(), dtype, THRESHOLDS, TOPP_VALUES)
         return {name: out[:, i].astype(np.float32) for i, name in enumerate(STAT_COLUMNS)}
@@ -96,7 +77,7 @@ def _sorted_stats(block) -> dict[str, np.ndarray]:
     """``token_stats`` of a float32 (or wider) block from one sort per token."""
     import torch
 
-    from analyze.sweep import kept_counts, sort_block, topp_kept_counts
+    from actsparse.analyze.sweep import kept_counts, sort_block, topp_kept_counts
 
     bad = torch.isnan(block).any(dim=1).numpy()
     if bad.any():
@@ -144,11 +125,11 @@ def _column(rows: Mapping, name: str) -> np.ndarray:
     return v.to_numpy(zero_copy_only=False) if hasattr(v, "to_numpy") else np.asarray(v)
 
 
-def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_rows: Mapping):
+def shard_stats(run_meta: fmt.Manifest, k: int, blocks: Mapping[str, np.ndarray], token_rows: Mapping):
     """Statistics tables of one shard: one pyarrow table per site, one row per (layer, token).
 
     Args:
-        run_meta: the run's manifest (``run_id`` and ``arrays[site].logical_dtype`` are used).
+        run_meta: the run's manifest (its run id and the logical dtype of each site are used).
         k: the shard index (for error messages).
         blocks: ``{site: stored numpy array [layers, T, width]}`` as written to Zarr (uint16 bfloat16
             bit patterns for a bfloat16 run).
@@ -156,7 +137,7 @@ def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_
             ``special``), each of length T.
 
     Returns:
-        ``{site: pyarrow.Table}`` with ``TOKEN_STATS_SCHEMA``, rows ordered by layer, then token.
+        ``{site: pyarrow.Table}`` of ``TOKEN_STATS_COLUMNS``, rows ordered by layer, then token.
 
     Raises:
         ActsparseError: a block's token count differs from the token rows.
@@ -167,25 +148,26 @@ def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_
     n = len(keys["token_index"])
     for site, arr in blocks.items():
         if arr.shape[1] != n:
-            raise ActsparseError(f"run {run_meta['run_id']} shard {k} site {site}: {arr.shape[1]} tokens in the block, {n} token rows")
+            raise ActsparseError(f"run {run_meta.run_id} shard {k} site {site}: {arr.shape[1]} tokens in the block, "
+                                 f"{n} token rows")
     # every site's pieces in one map: no pool-wide barrier between sites
     pieces = []
     for site, arr in blocks.items():
         step = max(1, _BLOCK_ENTRIES // max(arr.shape[2], 1))
         pieces += [(site, layer, s, s + step) for layer in range(arr.shape[0]) for s in range(0, n, step)]
-    dtypes = {site: run_meta["arrays"][site]["logical_dtype"] for site in blocks}
+    dtypes = {site: run_meta.arrays[site].logical_dtype for site in blocks}
 
     def piece_stats(piece):
         site, layer, start, stop = piece
-        return token_stats(fmt.decode(blocks[site][layer, start:stop], dtypes[site], to="native"))
+        return token_stats(decode(blocks[site][layer, start:stop], dtypes[site], to="native"))
 
     parts = dict(zip(pieces, _pool().map(piece_stats, pieces)))
-    schema = TOKEN_STATS_SCHEMA()
+    schema = fmt.arrow_schema(fmt.TOKEN_STATS_COLUMNS)
     tables = {}
     for site, arr in blocks.items():
         layers = arr.shape[0]
         cols = {
-            "run_id": pa.repeat(pa.scalar(run_meta["run_id"], pa.string()), layers * n),
+            "run_id": pa.repeat(pa.scalar(run_meta.run_id, pa.string()), layers * n),
             "site": pa.repeat(pa.scalar(site, pa.string()), layers * n),
             "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), n)),
             **{c: pa.array(np.tile(v, layers), schema.field(c).type) for c, v in keys.items()},
@@ -201,55 +183,50 @@ def shard_stats(run_meta: dict, k: int, blocks: Mapping[str, np.ndarray], token_
 # ---------------------------------------------------------------- writing
 
 
-def _write_part(path: Path, table) -> None:
-    """Atomic Parquet write with DuckDB-sized row groups (``fmt.atomic_write_parquet`` uses 256k rows)."""
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        # dictionaries only where values repeat: on the float columns they cost time and bytes
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, use_dictionary=["run_id", "site"])
-        os.chmod(tmp, fmt._umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_shard_stats(run_dir: Path, k: int, tables: Mapping) -> list[Path]:
-    """Write shard ``k``'s tables (from :func:`shard_stats`) atomically; returns the paths written."""
+    """Write shard ``k``'s tables (from :func:`shard_stats`) atomically; returns the paths written.
+
+    Row groups of ``STATS_ROW_GROUP`` rows (DuckDB parallelises a scan by row group), dictionaries only on
+    ``run_id`` and ``site`` (on the float columns they cost time and bytes).
+    """
     written = []
     for site, table in tables.items():
-        path = part_path(run_dir, site, k)
-        _write_part(path, table)
+        path = Path(run_dir) / fmt.stats_part(site, k)
+        atomic_write_parquet(path, table, row_group_size=fmt.STATS_ROW_GROUP, use_dictionary=["run_id", "site"])
         written.append(path)
     return written
 
 
-def stats_writer(run_dir: Path, manifest: dict) -> Callable[[int, dict, dict], Callable[[], None]]:
-    """The ``on_shard`` hook of collection: compute a shard's statistics, return their write.
+class TokenStatistics:
+    """Collection's per-shard statistics (``actsparse.pipeline.collect.ShardStatistics``).
 
-    Collection computes them on its main thread and runs the returned write on the writer thread
-    before the shard's token part, so a shard whose token part exists also has its statistics, and a
-    resumed run recomputes both.
+    The statistics of a shard are computed on collection's main thread between forward passes (so they may
+    use every core) and the returned write runs on its writer thread before the shard's token part, so a
+    shard whose token part exists also has its statistics, and a resumed run recomputes both.
     """
 
-    def on_shard(k: int, blocks: dict, token_rows: dict) -> Callable[[], None]:
-        tables = shard_stats(manifest, k, blocks, token_rows)
-        return lambda: write_shard_stats(run_dir, k, tables)
+    def warm_up(self) -> None:
+        """Import and compile (or load from numba's cache) the statistics kernel while the model loads."""
+        import torch
 
-    return on_shard
+        token_stats(torch.zeros((1, 2), dtype=torch.bfloat16))
+
+    def for_run(self, run_dir: Path, manifest: fmt.Manifest) -> Callable[[int, dict, dict], Callable[[], list]]:
+        def on_shard(k: int, blocks: dict, token_rows: dict) -> Callable[[], list]:
+            tables = shard_stats(manifest, k, blocks, token_rows)
+            return lambda: write_shard_stats(run_dir, k, tables)
+
+        return on_shard
 
 
-def missing_parts(run_dir: Path, manifest: dict) -> dict[int, list[str]]:
+TOKEN_STATS = TokenStatistics()
+
+
+def missing_parts(run_dir: Path, manifest: fmt.Manifest) -> dict[int, list[str]]:
     """``{shard: [sites]}`` of a run whose statistics parts do not exist yet."""
-    n_parts = -(-int(manifest["n_tokens"]) // int(manifest["chunk_tokens"]))
     missing = {}
-    for k in range(n_parts):
-        sites = [s for s in manifest["arrays"] if not part_path(run_dir, s, k).is_file()]
+    for k in range(manifest.n_parts):
+        sites = [s for s in manifest.sites if not (Path(run_dir) / fmt.stats_part(s, k)).is_file()]
         if sites:
             missing[k] = sites
     return missing
@@ -260,7 +237,7 @@ def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
     """Compute the statistics parts that complete runs lack (runs collected before statistics existed).
 
     Idempotent: parts that exist are kept; each new part is written atomically, then the run's
-    ``checksums.json`` is updated with the new files (``actsparse.share.update_checksums``). Holds the
+    ``checksums.json`` is updated with the new files (``actsparse.core.checksums.update_checksums``). Holds the
     run's writer lock, so it never races a collection or another ``index`` of the same run.
 
     Args:
@@ -275,8 +252,7 @@ def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
         ActsparseError: a remote store, an unknown or incomplete run, another writer holds a run, or a
             disk error (read-only filesystem, disk full).
     """
-    from actsparse.share import update_checksums
-    from pipeline.reader import StoreReader
+    from actsparse.pipeline.reader import StoreReader
 
     st = StoreReader(str(store))
     if not st.is_local:
@@ -284,17 +260,17 @@ def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
     runs = [st.run(r) for r in run_refs] if run_refs else st.runs()
     done = {}
     for run in runs:
-        run_dir = Path(st.root) / "runs" / run.run_id
+        run_dir = Path(st.root) / fmt.run_path(run.run_id)
         written: list[Path] = []
         try:
             # a complete store (possibly read-only) is left untouched: no lock file is even created
             if missing_parts(run_dir, run.manifest):
-                with fmt.exclusive_lock(run_dir / ".lock", f"run {run.run_id}"):
+                with exclusive_lock(run_dir / fmt.LOCK, f"run {run.run_id}"):
                     written = _index_run(run, run_dir)
                 if written and not update_checksums(run_dir, written):
                     log(f"run {run.run_id} has no checksums.json; `actsparse verify --add-checksums` adds one")
         except OSError as e:
-            raise fmt.disk_error(e, f"writing token statistics of run {run.run_id}") from e
+            raise disk_error(e, f"writing token statistics of run {run.run_id}") from e
         log(f"run {run.run_id}: {len(written)} token_stats part(s) written"
             + ("" if written else " (all present)"))
         done[run.run_id] = len(written)
@@ -307,9 +283,8 @@ def _index_run(run, run_dir: Path) -> list[Path]:
 
     written = []
     for k, sites in missing_parts(run_dir, run.manifest).items():
-        start = k * run.chunk_tokens
-        stop = min(start + run.chunk_tokens, run.n_tokens)
-        rows = pq.read_table(run_dir / "tokens" / fmt.part_name(k))
+        start, stop = fmt.shard_tokens(k, run.chunk_tokens, run.n_tokens)
+        rows = pq.read_table(run_dir / fmt.token_part(k))
         for site in sites:  # one site at a time: one shard of one site in memory
             tables = shard_stats(run.manifest, k, {site: run.array(site)[:, start:stop]},
                                  {c: rows.column(c) for c in rows.column_names})

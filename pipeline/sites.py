@@ -1,7 +1,7 @@
 """Resolve the FFN modules of a Hugging Face model by structure and hook its activation sites.
 
 The decoder layers are found by walking the model, not through a fixed path such as
-``model.model.layers`` (pitfall P1: Gemma-3 moved its layers between transformers releases).
+``model.model.layers`` (docs/pitfalls.md P1: Gemma-3 moved its layers between transformers releases).
 Every hook captures the tensor of a raw HF module, never a TransformerLens-style alias (P13).
 
 Site mapping. ``W_g``/``W_u``/``W_d`` are the gate, up and down projections, ``σ`` the activation.
@@ -36,18 +36,16 @@ that no module hook can split per expert (P2).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2CLS, ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from actsparse.errors import ActsparseError
-from actsparse.vocab import SITES
+from actsparse.core.errors import ActsparseError
+from actsparse.core.vocab import SITES
 
 # Config attributes that name the FFN activation, most specific first: Gemma 2/3 configs carry
 # ``hidden_activation``, GPT-2 and OPT ``activation_function``, the others ``hidden_act``.
@@ -206,7 +204,7 @@ def _refuse_moe(model_name: str, layers_path: str, layers: nn.ModuleList) -> Non
         if experts is not None:
             raise ActsparseError(
                 f"unsupported architecture {model_name}: {layers_path}.{i}.{experts} is a mixture-of-experts "
-                "FFN; only dense FFNs are supported (fused expert weights, pitfall P2)"
+                "FFN; only dense FFNs are supported (fused expert weights, docs/pitfalls.md P2)"
             )
 
 
@@ -246,7 +244,7 @@ def _activation_name(model: nn.Module, act: nn.Module, where: str) -> str:
     )
 
 
-def _oriented(module: nn.Module) -> torch.Tensor:
+def oriented_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight as [out, in] (``Conv1D`` stores [in, out])."""
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
@@ -317,7 +315,7 @@ def resolve_ffn(model: nn.Module) -> FFNArchitecture:
 
     d_ff_of = {}
     for layer in ffn_layers:
-        out_features, d_model = _oriented(layer.gate).shape
+        out_features, d_model = oriented_weight(layer.gate).shape
         d_ff_of[layer.index] = (out_features // 2 if first_pattern.kind == "glu-fused" else out_features, d_model)
     if len(set(d_ff_of.values())) != 1:
         raise ActsparseError(f"non-uniform FFN widths in {model_name}: (d_ff, d_model) per layer {d_ff_of}")
@@ -332,170 +330,3 @@ def resolve_ffn(model: nn.Module) -> FFNArchitecture:
         layers_path=layers_path,
         module_names=names,
     )
-
-
-def ffn_weights(arch: FFNArchitecture, layer: int) -> dict[str, torch.Tensor]:
-    """Detached float32 copies of one layer's FFN weights, in ``nn.Linear`` layout [out, in].
-
-    Returns ``gate`` [d_ff, d_model], ``up`` [d_ff, d_model] (GLU only), ``down`` [d_model, d_ff],
-    plus ``gate_bias`` [d_ff], ``up_bias`` [d_ff], ``down_bias`` [d_model] when the model has them,
-    all on the device of the parameters. GPT-2 ``Conv1D`` weights are transposed; a fused
-    ``gate_up_proj`` is split into rows ``[:d_ff]`` (gate) and ``[d_ff:]`` (up).
-
-    Raises:
-        ActsparseError: ``layer`` is not a layer index of ``arch``.
-    """
-    if not 0 <= layer < len(arch.layers):
-        raise ActsparseError(f"layer {layer} out of range: the model has {len(arch.layers)} FFN layers")
-    ffn = arch.layers[layer]
-
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(dtype=torch.float32, copy=True)
-
-    weights = {}
-    parts = {"gate": ffn.gate, "up": ffn.up, "down": ffn.down}
-    for role, module in parts.items():
-        if module is None:
-            continue
-        weights[role] = copy(_oriented(module))
-        if getattr(module, "bias", None) is not None:
-            weights[f"{role}_bias"] = copy(module.bias)
-    if arch.pattern == "glu-fused":
-        # Phi3MLP.forward: gate, up = gate_up_proj(x).chunk(2, dim=-1).
-        fused, fused_bias = weights.pop("gate"), weights.pop("gate_bias", None)
-        weights["gate"], weights["up"] = fused[: arch.d_ff], fused[arch.d_ff :]
-        if fused_bias is not None:
-            weights["gate_bias"], weights["up_bias"] = fused_bias[: arch.d_ff], fused_bias[arch.d_ff :]
-    return weights
-
-
-def ffn_recompute(weights: Mapping[str, torch.Tensor], activation: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Recompute every site of one FFN layer from its input.
-
-    ``weights`` as returned by :func:`ffn_weights` (GLU when it has ``up``); ``activation`` an
-    ``ACT2FN`` key; ``x`` [tokens, d_model] (any leading dimensions work), cast to the weights'
-    dtype. Returns ``input`` [tokens, d_model], ``gate``, ``act``, ``up`` (GLU only) and
-    ``intermediate`` [tokens, d_ff], ``output`` [tokens, d_model], in the weights' dtype.
-
-    Raises:
-        KeyError: ``activation`` is not an ``ACT2FN`` key.
-    """
-    x = x.to(weights["gate"].dtype)
-    gate = F.linear(x, weights["gate"], weights.get("gate_bias"))
-    act = ACT2FN[activation](gate)
-    sites = {"input": x, "gate": gate, "act": act}
-    if "up" in weights:
-        sites["up"] = F.linear(x, weights["up"], weights.get("up_bias"))
-        sites["intermediate"] = act * sites["up"]
-    else:
-        sites["intermediate"] = act
-    sites["output"] = F.linear(sites["intermediate"], weights["down"], weights.get("down_bias"))
-    return sites
-
-
-Sink = Callable[[str, int, torch.Tensor], None]
-
-
-class SiteRecorder:
-    """Context manager that hooks the requested sites on every FFN layer.
-
-    Each hook passes ``sink(site, layer_index, tensor)`` the captured tensor, detached but not
-    copied or cast: [batch, seq, width] or [tokens, width] (OPT flattens tokens before fc1), in the
-    model's dtype. For a fused ``gate_up_proj`` the gate and up tensors are non-contiguous views
-    of its output. Hooks: ``input`` = forward pre-hook on the gate projection (``args[0]``);
-    ``gate``/``up`` = outputs of the gate/up projections; ``act`` = output of the activation
-    module; ``intermediate`` = forward pre-hook on the down projection; ``output`` = its output.
-
-    Fires are counted per (site, layer); :meth:`check_fired` asserts each hook fired the expected
-    number of times since :meth:`reset_counts` (P11: hooks registered after ``torch.compile`` are
-    silently skipped). All hooks are removed on exit, also when the block raises.
-
-    Raises:
-        ActsparseError: an empty ``sites``, an unknown site, or ``up`` on a non-GLU FFN.
-    """
-
-    def __init__(self, arch: FFNArchitecture, sites: Sequence[str], sink: Sink) -> None:
-        sites = tuple(dict.fromkeys(sites))
-        if not sites:
-            raise ActsparseError(f"no sites requested; choose from {', '.join(arch.sites)}")
-        for site in sites:
-            if site not in SITES:
-                raise ActsparseError(f"unknown site {site!r}; choose from {', '.join(arch.sites)}")
-            if site not in arch.sites:
-                raise ActsparseError(
-                    f"site {site!r} does not exist for a non-GLU FFN (pattern {arch.pattern}); "
-                    f"choose from {', '.join(arch.sites)}"
-                )
-        self.arch = arch
-        self.sites = sites
-        self._sink = sink
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._counts = {(site, layer.index): 0 for site in sites for layer in arch.layers}
-
-    def _emit(self, site: str, index: int, tensor: torch.Tensor) -> None:
-        self._counts[(site, index)] += 1
-        self._sink(site, index, tensor.detach())
-
-    def _register(self, site: str, layer: FFNLayer) -> torch.utils.hooks.RemovableHandle:
-        i, d_ff = layer.index, self.arch.d_ff
-        fused = self.arch.pattern == "glu-fused"
-        if site == "input":
-            return layer.gate.register_forward_pre_hook(lambda m, args: self._emit(site, i, args[0]))
-        if site == "gate":
-            cut = (lambda out: out[..., :d_ff]) if fused else (lambda out: out)
-            return layer.gate.register_forward_hook(lambda m, args, out: self._emit(site, i, cut(out)))
-        if site == "up":
-            if fused:
-                return layer.gate.register_forward_hook(lambda m, args, out: self._emit(site, i, out[..., d_ff:]))
-            return layer.up.register_forward_hook(lambda m, args, out: self._emit(site, i, out))
-        if site == "act":
-            return layer.act.register_forward_hook(lambda m, args, out: self._emit(site, i, out))
-        if site == "intermediate":
-            return layer.down.register_forward_pre_hook(lambda m, args: self._emit(site, i, args[0]))
-        return layer.down.register_forward_hook(lambda m, args, out: self._emit(site, i, out))
-
-    def __enter__(self) -> SiteRecorder:
-        if self._handles:
-            raise ActsparseError("this SiteRecorder is already active")
-        try:
-            for layer in self.arch.layers:
-                for site in self.sites:
-                    self._handles.append(self._register(site, layer))
-        except BaseException:
-            self._remove()
-            raise
-        self.reset_counts()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def counts(self) -> dict[tuple[str, int], int]:
-        """Fires per (site, layer index) since the last :meth:`reset_counts`."""
-        return dict(self._counts)
-
-    def reset_counts(self) -> None:
-        """Zero the fire counts, e.g. before each batch."""
-        self._counts = dict.fromkeys(self._counts, 0)
-
-    def check_fired(self, expected: int = 1) -> None:
-        """Check that every hook fired exactly ``expected`` times since :meth:`reset_counts`.
-
-        Raises:
-            ActsparseError: naming up to five (site, layer) hooks with another count (P11).
-        """
-        wrong = [(key, n) for key, n in self._counts.items() if n != expected]
-        if wrong:
-            shown = ", ".join(f"{site}@{layer}={n}" for (site, layer), n in wrong[:5])
-            raise ActsparseError(
-                f"{len(wrong)} of {len(self._counts)} hooks did not fire {expected} time(s) ({shown}); "
-                "hooks registered after torch.compile are skipped (P11)"
-            )

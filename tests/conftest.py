@@ -1,69 +1,19 @@
-"""Shared fixtures: tiny random-init models saved as local checkpoints, and real-model stores.
+"""Shared fixtures: tiny random-init models and corpora, real-model stores, a loopback HTTP server.
 
 Tiny models give fast unit tests of the pipeline mechanics; the real packaged models (SmolLM2-135M,
-Gemma 3 270M) are used by the tests marked ``real``.
+Gemma 3 270M) are used by the tests marked ``real``. Plain helpers are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
+import http.server
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Activation sparsity in large language models is a property "
-    "of the feed-forward layers. Many small activations can be dropped with little loss of quality. "
-)
-
-
-def build_tokenizer(out: Path):
-    """A byte-level BPE tokenizer with a BOS token, trained offline on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([TEXT] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    tok.save_pretrained(out)
-    return tok
-
-
-def build_tiny(out: Path, kind: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny random-init causal LM (+ tokenizer) as a local HF checkpoint directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2MoeConfig
-
-    tok = build_tokenizer(out)
-    vocab = len(tok)
-    if kind == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128)
-    elif kind == "gemma3":
-        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               num_key_value_heads=1, head_dim=16, vocab_size=vocab, max_position_embeddings=128,
-                               sliding_window=16)
-    elif kind == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128)
-    elif kind == "qwen2moe":
-        cfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
-                             num_experts_per_tok=2, shared_expert_intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128)
-    else:
-        raise ValueError(kind)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out)
-    return out
+from tests.helpers import TEXT, RangeHandler, build_tiny
 
 
 @pytest.fixture(scope="session")
@@ -84,35 +34,45 @@ def text_corpus(tmp_path_factory) -> Path:
     return p
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real ``actsparse`` console script in a subprocess."""
-    exe = Path(sys.executable).with_name("actsparse")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "1m", ro: bool = False):
-    """Mount a small tmpfs (disk-full and read-only tests); skip where mounting is not permitted."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        if ro:
-            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 @pytest.fixture(scope="session")
 def smollm2_store(tmp_path_factory):
     """A real SmolLM2-135M run: 1,024 wiki tokens, all six sites (session-scoped: collected once)."""
-    from pipeline.collect import CollectConfig, collect
+    from actsparse import CollectConfig, collect
 
     store = tmp_path_factory.mktemp("smollm2-store")
     cfg = CollectConfig(model="smollm2-135m", corpus="wiki", max_tokens=1024, seq_len=256, batch_size=4,
                         sites=("input", "gate", "act", "up", "intermediate", "output"), chunk_tokens=512)
     res = collect(cfg, store, progress=False, log=lambda m: None)
     return store, res
+
+
+@pytest.fixture(scope="session")
+def two_model_store(tmp_path_factory, tiny_llama, text_corpus):
+    """Two complete runs of two tiny models (a Llama and a GPT-2: different depths and widths) in one store:
+    ``(path, llama_run_id, gpt2_run_id)``. Tests that change it work on a copy."""
+    from actsparse import CollectConfig, collect
+
+    gpt2 = build_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+    path = tmp_path_factory.mktemp("two-models") / "S"
+    ids = [collect(CollectConfig(model=str(model), corpus=str(text_corpus), max_tokens=n, seq_len=64, batch_size=2,
+                                 chunk_tokens=128), path, progress=False, log=lambda m: None).run_id
+           for model, n in ((tiny_llama, 600), (gpt2, 300))]
+    return path, ids[0], ids[1]
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Serve a directory over HTTP on loopback; yields ``start(directory, handler) -> base URL``."""
+    servers = []
+
+    def start(directory: Path, handler=RangeHandler) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
+        server.timeout = 5
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,284 @@
+"""Running an evaluation: the dense reference pass, then one sparsified pass per grid value, each saved as it
+finishes so that a killed evaluation resumes and a later call with more values reuses the finished ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actsparse.analyze.evaluate.bootstrap import summarize
+from actsparse.analyze.evaluate.config import (
+    _LOGITS_BYTES,
+    DENSE_CACHE_BYTES,
+    MIN_TOKENS,
+    N_BOOT,
+    SPLIT,
+    EvalConfig,
+    Evaluation,
+    eval_identity,
+)
+from actsparse.analyze.evaluate.lm import Batch, LMHead, make_batch, token_metrics
+from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, done_values
+from actsparse.analyze.sparsifier import Sparsifier, hook_points
+from actsparse.core import format as fmt
+from actsparse.core.errors import ActsparseError
+from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_error, exclusive_lock
+
+WINDOW_COLUMNS = tuple(c for c, _ in fmt.EVALUATION_VALUE_COLUMNS if c != "value")
+
+
+def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None = None, *, n_boot: int = N_BOOT,
+             seed: int = 0, dense_cache_bytes: int = DENSE_CACHE_BYTES,
+             log: Callable[[str], None] = print) -> Evaluation:
+    """Run the closed-loop evaluation of ``cfg`` (resuming it in ``store`` when possible).
+
+    Args:
+        cfg: what to evaluate; ``cfg.model``/``cfg.corpus`` default to the run's.
+        store: local store directory (created if missing) or None (compute only, nothing written).
+        run: run id or unique prefix to attach the results to; its model weights and corpus must
+            be the ones evaluated.
+        n_boot, seed: bootstrap resamples over windows and their seed.
+        dense_cache_bytes: memory allowed for the dense log-probabilities kept across grid values.
+        log: where one-line progress messages go.
+
+    Returns:
+        :class:`Evaluation` with the summary, per-layer and critical-sparsity tables.
+
+    Raises:
+        ActsparseError: unknown target/rule, a value out of range, a held-out split with fewer than
+            ``MIN_TOKENS`` predicted tokens, a model or corpus that is not the run's, an unsupported
+            model, non-finite logits, or another process evaluating the same config.
+    """
+    job = _plan(cfg, store, run)
+    if store is None:
+        frames, hooks, computed = _run_values(job, job.cfg.values(), dense_cache_bytes, log)
+        return _finish(job, frames, hooks, None, n_boot, seed, computed, [])
+    base = base_dir(store, job.run_id)
+    parts = base / fmt.evaluation_parts(job.eval_id)
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, f"creating {parts}") from e
+    with exclusive_lock(parts / fmt.LOCK, f"evaluation {job.eval_id}"):
+        values = job.cfg.values()
+        done = done_values(parts)
+        reused = [v for v in values if v in done]
+        if reused:
+            log(f"evaluation {job.eval_id}: {len(reused)} of {len(values)} grid values already done, skipping them")
+        config_path = parts / fmt.EVALUATION_CONFIG
+        hooks = json.loads(config_path.read_text())["hooks"] if config_path.is_file() else None
+        _, hooks, computed = _run_values(job, [v for v in values if v not in done], dense_cache_bytes, log,
+                                         parts=parts, base=base, hooks=hooks)
+        import polars as pl
+
+        frames = [pl.read_parquet(p) for p in sorted(parts.glob("value-*.parquet"))]
+        return _finish(job, frames, hooks, base, n_boot, seed, computed, reused)
+
+
+@dataclass
+class _Job:
+    """An evaluation ready to run: config (model and corpus filled in), resolved model, batches, identity."""
+
+    cfg: EvalConfig
+    resolved: object
+    batches: list[Batch]
+    run_id: str | None
+    eval_id: str
+    identity: dict
+    meta: dict
+
+
+def _plan(cfg: EvalConfig, store, run: str | None) -> _Job:
+    """Validate, resolve the model and corpus (the run's where given), cut the held-out windows into batches."""
+    from actsparse.pipeline.corpora import open_corpus
+    from actsparse.pipeline.models import load_tokenizer, resolve_model
+    from actsparse.pipeline.reader import StoreReader
+    from actsparse.pipeline.windows import iter_windows
+
+    cfg.validate()
+    manifest = None
+    if run is not None:
+        if store is None:
+            raise ActsparseError("--run needs --store (the store holding the run)")
+        manifest = StoreReader(str(store)).run(run).manifest
+        cfg = dataclasses.replace(cfg, model=cfg.model or manifest.model_spec,
+                                  corpus=cfg.corpus or manifest.corpus.spec)
+    if cfg.model is None or cfg.corpus is None:
+        raise ActsparseError("evaluate needs --model and --corpus (or --run with --store to use the run's)")
+
+    resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tok, _ = load_tokenizer(resolved, seq_len=cfg.seq_len)
+    corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
+    if manifest is not None:
+        check_against_run(manifest, cfg.model, resolved.weights_sha256, cfg.corpus, corpus.sha256)
+    windows = list(iter_windows(corpus.split(SPLIT), tok, cfg.seq_len, max_tokens=cfg.max_tokens, add_bos=True))
+    special_ids = set(tok.all_special_ids)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = [make_batch(windows[b:b + cfg.batch_size], pad_id, special_ids)
+               for b in range(0, len(windows), cfg.batch_size)]
+    n_pred = sum(len(b.targets) for b in batches)
+    if n_pred < MIN_TOKENS:
+        raise ActsparseError(f"the held-out split of corpus {cfg.corpus} gives {n_pred} predicted tokens "
+                             f"({len(windows)} windows); closed-loop evaluation needs at least {MIN_TOKENS}")
+    identity = eval_identity(cfg, resolved.weights_sha256, corpus.sha256)
+    eval_id = fmt.content_hash(identity)
+    run_id = manifest.run_id if manifest is not None else None
+    meta = dict(run_id=run_id, eval_id=eval_id, model=cfg.model, corpus=corpus.spec, split=SPLIT,
+                target=cfg.target, rule=cfg.rule, power=cfg.power)
+    return _Job(cfg, resolved, batches, run_id, eval_id, identity, meta)
+
+
+def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log: Callable[[str], None], *,
+                parts: Path | None = None, base: Path | None = None, hooks: list[dict] | None = None):
+    """Dense pass, then one sparse pass per value; returns (per-window frames, hooks, computed values).
+
+    With ``parts`` set, each value's frame is written there as soon as it is complete (and recorded in the
+    run's checksums); the caller then reads the directory for every value done so far.
+    """
+    import polars as pl
+
+    from actsparse.pipeline.models import load_model
+    from actsparse.pipeline.sites import resolve_ffn
+
+    if not values:
+        return [], hooks, []
+    cfg = job.cfg
+    model = load_model(job.resolved, cfg.compute_dtype)
+    arch = resolve_ffn(model)
+    hooks = [dict(layer=p.layer, site=p.site, width=p.width) for p in hook_points(arch, cfg.target)]
+    head = LMHead(model, cfg.model)
+    if parts is not None:
+        atomic_write_json(parts / fmt.EVALUATION_CONFIG, dict(identity=job.identity, meta=job.meta, hooks=hooks,
+                                                              ffn=arch.describe()))
+        checksum(base, job.run_id, [parts / fmt.EVALUATION_CONFIG])
+    frames, computed = [], []
+    with torch.inference_mode():
+        dense = _dense_pass(job, head, dense_cache_bytes, log)
+        for v in values:
+            t1 = time.perf_counter()
+            cols = _sparse_pass(job, head, arch, v, dense)
+            frame = pl.DataFrame(dict(value=[float(v)] * len(cols["window"]), **cols), schema_overrides=dict(
+                window=pl.Int64, n_pred=pl.Int64, n_valid=pl.Int64, correct_sparse=pl.Int64, correct_dense=pl.Int64,
+                hook_sparse=pl.List(pl.Int64)))
+            if parts is not None:
+                path = parts / fmt.value_part(v)
+                atomic_write_parquet(path, frame.to_arrow())
+                checksum(base, job.run_id, [path])
+            frames.append(frame)
+            computed.append(float(v))
+            tokens = frame["n_pred"].sum()
+            log(f"{cfg.target} {cfg.rule} {v:g}: sparsity {_sparsity(frame, hooks):.4f}, "
+                f"nll {frame['nll_sparse'].sum() / tokens:.4f} (dense {frame['nll_dense'].sum() / tokens:.4f}), "
+                f"top-1 {frame['correct_sparse'].sum() / tokens:.4f} "
+                f"(dense {frame['correct_dense'].sum() / tokens:.4f}) "
+                f"[{time.perf_counter() - t1:.1f} s]")
+    return frames, hooks, computed
+
+
+@dataclass
+class _Dense:
+    """The dense reference of every batch: hidden states at the predicted positions, the log-probabilities
+    in chunks (None where they do not fit the cache: recomputed from the hidden states), per-window sums."""
+
+    hidden: list
+    logp: list
+    nll: list
+    hit: list
+    chunk: int
+
+
+def _dense_pass(job: _Job, head: LMHead, dense_cache_bytes: int, log: Callable[[str], None]) -> _Dense:
+    t0 = time.perf_counter()
+    first = job.batches[0]
+    head.check(first.ids[:1], first.attn[:1])
+    vocab = head.linear.weight.shape[0]
+    n_total = sum(len(b.targets) for b in job.batches)
+    cache_logp = n_total * vocab * 4 <= dense_cache_bytes
+    dense = _Dense([], [], [], [], max(1, _LOGITS_BYTES // (vocab * 4)))
+    for b in job.batches:
+        h = head.hidden(b.ids, b.attn)[b.rows, b.cols]
+        nll = torch.zeros(len(b.windows), dtype=torch.float64)
+        hit = torch.zeros(len(b.windows), dtype=torch.int64)
+        chunks = []
+        for s in range(0, len(h), dense.chunk):
+            logits = head.logits(h[s:s + dense.chunk])
+            logp = torch.log_softmax(logits, dim=-1)
+            y, r = b.targets[s:s + dense.chunk], b.rows[s:s + dense.chunk]
+            nll.index_add_(0, r, -logp.gather(1, y[:, None])[:, 0].double())
+            hit.index_add_(0, r, (logits.argmax(dim=-1) == y).long())
+            if cache_logp:
+                chunks.append(logp)
+        _check_finite(nll, job.cfg, "dense")
+        dense.hidden.append(h)
+        dense.logp.append(chunks if cache_logp else None)
+        dense.nll.append(nll)
+        dense.hit.append(hit)
+    log(f"dense reference: {n_total} predicted tokens in {len(job.batches)} batches ({time.perf_counter() - t0:.1f} s)")
+    return dense
+
+
+def _sparse_pass(job: _Job, head: LMHead, arch, value: float, dense: _Dense) -> dict[str, list]:
+    """Every batch with the rule at ``value`` in every FFN layer: per-window sums (``WINDOW_COLUMNS``)."""
+    cfg, chunk = job.cfg, dense.chunk
+    cols: dict[str, list] = {c: [] for c in WINDOW_COLUMNS}
+    with Sparsifier(arch, cfg.target, cfg.rule, value, power=cfg.power) as sp:
+        for i, b in enumerate(job.batches):
+            sp.begin_batch(b.valid)
+            h_s = head.hidden(b.ids, b.attn)[b.rows, b.cols]
+            counts = sp.end_batch()
+            n_win = len(b.windows)
+            nll = torch.zeros(n_win, dtype=torch.float64)
+            hit = torch.zeros(n_win, dtype=torch.int64)
+            kl = torch.zeros(n_win, dtype=torch.float64)
+            for k, s in enumerate(range(0, len(h_s), chunk)):
+                logp_d = (dense.logp[i][k] if dense.logp[i] is not None
+                          else torch.log_softmax(head.logits(dense.hidden[i][s:s + chunk]), dim=-1))
+                tok_nll, tok_hit, tok_kl = token_metrics(head.logits(h_s[s:s + chunk]), logp_d, b.targets[s:s + chunk])
+                r = b.rows[s:s + chunk]
+                nll.index_add_(0, r, tok_nll.double())
+                hit.index_add_(0, r, tok_hit.long())
+                kl.index_add_(0, r, tok_kl.double())
+            _check_finite(nll, cfg, f"{cfg.rule} {value}")
+            cols["window"] += [w.sequence for w in b.windows]
+            cols["n_pred"] += torch.bincount(b.rows, minlength=n_win).tolist()
+            cols["n_valid"] += b.valid.sum(dim=1).tolist()
+            cols["nll_sparse"] += nll.tolist()
+            cols["nll_dense"] += dense.nll[i].tolist()
+            cols["correct_sparse"] += hit.tolist()
+            cols["correct_dense"] += dense.hit[i].tolist()
+            cols["kl"] += kl.tolist()
+            cols["hook_sparse"] += counts.T.tolist()
+    return cols
+
+
+def _sparsity(frame, hooks: list[dict]) -> float:
+    counts = np.asarray(frame["hook_sparse"].to_list(), dtype=np.float64)
+    return float(counts.sum() / (frame["n_valid"].sum() * sum(h["width"] for h in hooks)))
+
+
+def _check_finite(nll: torch.Tensor, cfg: EvalConfig, what: str) -> None:
+    if not bool(torch.isfinite(nll).all()):
+        raise ActsparseError(f"non-finite NLL in the {what} run of {cfg.model} ({cfg.compute_dtype}); "
+                             "try --compute-dtype float32")
+
+
+def _finish(job: _Job, frames: list, hooks: list[dict], base: Path | None, n_boot: int, seed: int,
+            computed: list[float], reused: list[float]) -> Evaluation:
+    """Summary, per-layer and critical tables from every value's frame; written beside the parts when stored."""
+    import polars as pl
+
+    summary, layers, critical = summarize(pl.concat(frames), hooks, job.meta, n_boot=n_boot, seed=seed)
+    if base is not None:
+        files = [base / fmt.result_file(kind, job.eval_id)
+                 for kind in (fmt.EVALUATION, fmt.EVALUATION_LAYERS, fmt.EVALUATION_CRITICAL)]
+        for path, df in zip(files, (summary, layers, critical)):
+            atomic_write_parquet(path, df.to_arrow())
+        checksum(base, job.run_id, files)
+    return Evaluation(job.eval_id, base, job.identity, summary, layers, critical, computed, reused)

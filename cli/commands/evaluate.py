@@ -1,0 +1,108 @@
+"""CLI commands for closed-loop evaluation: ``evaluate`` (sparsified re-runs) and ``proxy`` (open vs closed loop).
+
+See :mod:`actsparse.analyze.evaluate` for the protocol, the metrics and where results are stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from actsparse.cli.options import QuietOption, RunOption, ThreadsOption, set_threads
+from actsparse.cli.output import emit, err, say
+from actsparse.core.errors import ActsparseError
+from actsparse.core.parsing import names, numbers
+
+SUMMARY_COLUMNS = ["value", "sparsity", "nll", "ppl", "top1_acc", "kl", "acc_ratio", "acc_ratio_lo", "acc_ratio_hi",
+                   "dnll", "dnll_lo", "dnll_hi"]
+CRITICAL_COLUMNS = ["target", "criterion", "critical_sparsity_grid", "critical_value_grid", "critical_sparsity_interp",
+                    "critical_lo", "critical_hi"]
+PROXY_COLUMNS = ["target", "rule", "eval_id", "n_values", "closed_critical", "closed_lo", "closed_hi",
+                 "closed_critical_nll", "open_critical", "tolerance", "spearman_err_dnll", "spearman_err_kl",
+                 "sparsity_gap"]
+
+
+def _print(df, columns: list[str], title: str) -> None:
+    emit(df.select([c for c in columns if c in df.columns]), "table", title=title)
+
+
+def evaluate(
+    model: str | None = typer.Option(None, "--model", "-m", help="alias, HF id or checkpoint dir (default: the run's)"),
+    corpus: str | None = typer.Option(None, "--corpus", "-c",
+                                      help="corpus whose held-out split is used (default: the run's)"),
+    target: str = typer.Option("intermediate", help="comma-separated: input, gate, up, intermediate, all-inputs"),
+    rule: str = typer.Option("top-p", help="top-p | top-k | max-p"),
+    grid: str | None = typer.Option(None, help="comma-separated rule values "
+                                               "(default: 1.0,0.99,0.98,0.97,0.95,0.92,0.9,0.85,0.8,0.7,0.6,0.5)"),
+    store: Path | None = typer.Option(None, "--store", "-s",
+                                      help="store to write results into (resumable); none: print only"),
+    run: str | None = typer.Option(None, "--run", "-r",
+                                   help="attach results to this run (same model and corpus) and print the proxy check"),
+    max_tokens: int = typer.Option(4096, help="held-out tokens to use, BOS included"),
+    seq_len: int = typer.Option(256, help="window length in tokens, BOS included"),
+    batch_size: int = typer.Option(8, help="windows per forward pass"),
+    power: float = typer.Option(1.0, help="top-p power q >= 1 (rule applied to |a|^q)"),
+    compute_dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16 | float16"),
+    text_field: str | None = typer.Option(None, help="jsonl field / parquet column with the text"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint"),
+    boot: int = typer.Option(200, help="bootstrap resamples of windows for the intervals"),
+    tolerance: float | None = typer.Option(None,
+                                           help="offline error bound for the proxy check (default: 0.1, as curves)"),
+    threads: ThreadsOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Re-run a model with a sparsification rule in every FFN layer; closed-loop metrics and critical sparsity."""
+    import polars as pl
+
+    from actsparse.analyze.evaluate import DEFAULT_GRID, EvalConfig, proxy_check
+    from actsparse.analyze.evaluate import evaluate as run_evaluate
+
+    set_threads(threads)
+    if boot < 1:
+        raise ActsparseError(f"--boot must be positive (got {boot})")
+    targets = names(target)
+    values = numbers(grid, "--grid") or DEFAULT_GRID
+    configs = [EvalConfig(model=model, corpus=corpus, target=t, rule=rule, grid=values, power=power,
+                          max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, compute_dtype=compute_dtype,
+                          text_field=text_field, trust_remote_code=trust_remote_code) for t in targets]
+    if not configs:
+        raise ActsparseError("--target is empty")
+    for cfg in configs:  # every bad target, rule or value fails before the first model load
+        cfg.validate()
+    results = []
+    for cfg in configs:
+        res = run_evaluate(cfg, store, run, n_boot=boot,
+                           log=(lambda m: None) if quiet else say)
+        _print(res.summary, SUMMARY_COLUMNS, f"closed loop: {cfg.target}, {cfg.rule} (eval {res.eval_id}, "
+                                             f"{res.summary['n_tokens'][0]} tokens)")
+        results.append(res)
+    _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), CRITICAL_COLUMNS,
+           "closed-loop critical sparsity (ratio >= 0.99; 95% bootstrap interval over windows)")
+    if run is not None:
+        try:
+            rows = [proxy_check(store, run, eval_id=r.eval_id, tolerance=tolerance) for r in results]
+        except ActsparseError as e:
+            err.print(f"proxy check skipped: {e}", highlight=False, markup=False)
+            return
+        _print(pl.concat(rows, how="diagonal_relaxed"), PROXY_COLUMNS, "open-loop (offline) vs closed-loop")
+
+
+def proxy(
+    store: str = typer.Argument(..., help="store path or URL"),
+    run: RunOption = None,
+    target: str | None = typer.Option(None, help="only evaluations of this target"),
+    rule: str | None = typer.Option(None, help="only evaluations of this rule"),
+    tolerance: float | None = typer.Option(None, help="offline error bound (default: 0.1, as curves)"),
+) -> None:
+    """Compare offline (open-loop) critical sparsity with the stored closed-loop evaluations of a run."""
+    from actsparse.analyze.evaluate import proxy_check
+
+    _print(proxy_check(store, run, target, rule, tolerance=tolerance), PROXY_COLUMNS,
+           "open-loop (offline) vs closed-loop")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``evaluate`` and ``proxy`` to the ``actsparse`` app."""
+    app.command("evaluate")(evaluate)
+    app.command("proxy")(proxy)

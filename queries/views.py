@@ -1,0 +1,171 @@
+"""The SQL views of a store: which Parquet files back each one, and the SQL that defines it.
+
+Views (``actsparse.core.format.VIEWS``): ``runs`` (the manifests' catalogue rows) and ``layers`` (one row per
+run x site x layer, with the mean per-token statistics) are built in memory; ``tokens``, ``token_stats`` and
+one view per result kind (``actsparse.core.format.RESULT_KINDS``) read the store's Parquet files. Every view
+exists with its documented columns before any file of it has been written.
+
+File lists never depend on directory listings on remote stores: token parts are named by the manifest,
+derived files come from each run's ``checksums.json`` (or are probed by name); only store-level evaluations
+need a listing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+from actsparse.core import format as fmt
+from actsparse.core.checksums import parse_checksums
+from actsparse.core.errors import ActsparseError
+
+FILE_VIEWS = ("tokens", "token_stats", *fmt.RESULT_KINDS)
+
+
+def lit(s: str) -> str:
+    """A SQL string literal (paths may hold quotes)."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def empty_select(columns) -> str:
+    """A zero-row SELECT with typed columns: the view of a table that has no files yet."""
+    return "SELECT " + ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in columns) + " LIMIT 0"
+
+
+class StoreFiles:
+    """The Parquet files behind each file-backed view of a store's complete runs: ``{view: {run_id: [paths]}}``
+    (store-relative paths; store-level evaluations under the run id ``""``)."""
+
+    def __init__(self, reader, manifests: dict[str, fmt.Manifest]):
+        self.reader, self.local = reader, reader.is_local
+        self.by_view = {view: self._discover(view, manifests) for view in FILE_VIEWS}
+
+    def paths(self, view: str) -> list[str]:
+        """Store-relative paths of the files behind a file-backed view, sorted by run.
+
+        Raises:
+            ActsparseError: a view that is not backed by files.
+        """
+        if view not in self.by_view:
+            raise ActsparseError(f"table {view!r} is not backed by files (file-backed: {', '.join(self.by_view)})")
+        return [p for paths in self.by_view[view].values() for p in paths]
+
+    def _discover(self, view: str, manifests: dict[str, fmt.Manifest]) -> dict[str, list[str]]:
+        out = {}
+        for rid, m in sorted(manifests.items()):
+            if view == "tokens":
+                out[rid] = [fmt.run_path(rid, fmt.token_part(k)) for k in range(m.n_parts)]
+            elif view == "token_stats":
+                expected = [fmt.stats_part(s, k) for s in m.sites for k in range(m.n_parts)]
+                out[rid] = self._run_files(rid, fmt.STATS_GLOB, expected)
+            else:
+                out[rid] = self._run_files(rid, f"{fmt.ANALYSIS}/{fmt.RESULT_KINDS[view].glob}", [])
+        if view in fmt.RESULT_KINDS and fmt.RESULT_KINDS[view].store_level:
+            out[""] = self._store_results(fmt.RESULT_KINDS[view])
+        return out
+
+    def _checksummed(self, rid: str) -> list[str] | None:
+        """Files of a run listed in its ``checksums.json`` (run-relative), or None without one."""
+        rel = fmt.run_path(rid, fmt.CHECKSUMS)
+        try:
+            raw = self.reader.fs.cat_file(self.reader.path(rel))
+        except FileNotFoundError:
+            return None
+        return sorted(parse_checksums(raw, rel))
+
+    def _run_files(self, rid: str, pattern: str, expected: list[str]) -> list[str]:
+        """Store-relative paths of one run's files matching ``pattern`` (run-relative glob).
+
+        Local: a directory glob. Remote: the run's ``checksums.json`` (every derived file is recorded
+        there), else ``expected`` names probed one by one, plus whatever a listing offers.
+        """
+        base = fmt.run_path(rid)
+        if self.local:
+            root = Path(self.reader.path(base))
+            return sorted(f"{base}/{p.relative_to(root).as_posix()}" for p in root.glob(pattern) if p.is_file())
+        listed = self._checksummed(rid)
+        if listed is not None:
+            found = {r for r in listed if fnmatch.fnmatchcase(r, pattern)}
+        else:
+            found = {r for r in expected if self.reader.fs.exists(self.reader.path(base, r))}
+        try:
+            globbed = self.reader.fs.glob(self.reader.path(base, pattern))
+        except Exception:  # noqa: BLE001 - listings are optional on remote stores (403, no index pages)
+            globbed = []
+        prefix = self.reader.path(base) + "/"
+        # a listing adds files not recorded yet; percent-quoted names (site%3Dgate) are left to the above
+        found |= {g[len(prefix):] for g in globbed if g.startswith(prefix) and "%" not in g}
+        return [f"{base}/{r}" for r in sorted(found)]
+
+    def _store_results(self, kind: fmt.ResultKind) -> list[str]:
+        """Store-level results of a kind (``evaluations/``: models or corpora never collected); remote stores
+        list them only where the server offers directory listings."""
+        pattern = f"{fmt.result_base(None)}/{kind.glob}"
+        if self.local:
+            root = Path(self.reader.root)
+            return sorted(p.relative_to(root).as_posix() for p in root.glob(pattern) if p.is_file())
+        try:
+            found = self.reader.fs.glob(self.reader.path(pattern))
+        except Exception:  # noqa: BLE001 - listings are optional on remote stores
+            return []
+        prefix = self.reader.path("")
+        return sorted(f[len(prefix):] for f in found if f.startswith(prefix))
+
+
+def runs_table(manifests: dict[str, fmt.Manifest]):
+    """The ``runs`` view as a pyarrow table: one catalogue row per complete run."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([m.catalogue_row() for _, m in sorted(manifests.items())],
+                                schema=fmt.arrow_schema(fmt.CATALOGUE_COLUMNS))
+
+
+LAYER_BASE_COLUMNS = fmt.LAYERS_COLUMNS[:7]  # the shape facts of a layer; the statistics come from token_stats
+
+
+def layer_base_table(manifests: dict[str, fmt.Manifest]):
+    """One row per run x site x layer with the shape facts the manifests hold (the base of the ``layers`` view)."""
+    import pyarrow as pa
+
+    rows = []
+    for rid, m in sorted(manifests.items()):
+        for site, spec in m.arrays.items():
+            for layer in range(m.n_layers):
+                rows.append(dict(run_id=rid, model=m.model_spec, site=site, layer=layer, n_layers=m.n_layers,
+                                 depth=layer / max(m.n_layers - 1, 1), width=spec.width))
+    return pa.Table.from_pylist(rows, schema=fmt.arrow_schema(LAYER_BASE_COLUMNS))
+
+
+def layers_sql() -> str:
+    """The ``layers`` view over the ``_layer_base`` table and ``token_stats``."""
+    means = ", ".join(f"avg({c}) AS {c}_mean" for c in fmt.STAT_COLUMNS)
+    return f"""SELECT b.run_id, b.model, b.site, b.layer, b.n_layers, b.depth, b.width,
+               coalesce(s.n_tokens, 0) AS n_tokens, s.* EXCLUDE (run_id, site, layer, n_tokens)
+        FROM _layer_base b LEFT JOIN (
+            SELECT run_id, site, layer, count(*) AS n_tokens, {means}
+            FROM token_stats WHERE NOT special GROUP BY run_id, site, layer
+        ) s USING (run_id, site, layer)"""
+
+
+def file_view_sql(view: str, files: StoreFiles, location) -> str:
+    """The SQL of a file-backed view; ``location(rel)`` is what DuckDB opens for a store-relative path."""
+
+    def listed(paths):
+        return "[" + ", ".join(lit(location(p)) for p in paths) + "]"
+
+    if view == "tokens":
+        parts = [f"SELECT {lit(rid)} AS run_id, * FROM read_parquet({listed(p)})"
+                 for rid, p in files.by_view["tokens"].items() if p]
+        return " UNION ALL ".join(parts) if parts else empty_select((("run_id", "VARCHAR"), *fmt.TOKENS_COLUMNS))
+    paths = files.paths(view)
+    if view == "token_stats":
+        if not paths:
+            return empty_select(fmt.TOKEN_STATS_COLUMNS)
+        # site is a column of every file too, so the site=<site> directories need no hive parsing
+        return f"SELECT * FROM read_parquet({listed(paths)}, hive_partitioning=false)"
+    columns = fmt.RESULT_KINDS[view].columns
+    if not paths:
+        return empty_select(columns)
+    # BY NAME against the documented (empty) table: every documented column exists, extra ones are kept
+    return (f"({empty_select(columns)}) UNION ALL BY NAME "
+            f"(SELECT * FROM read_parquet({listed(paths)}, union_by_name=true))")

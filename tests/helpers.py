@@ -1,0 +1,116 @@
+"""Plain helpers the tests share: tiny random-init models saved as checkpoints, the real console script in a
+subprocess, small tmpfs mounts, and an HTTP server with byte ranges. Fixtures built on them live in
+``tests/conftest.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Activation sparsity in large language models is a property "
+    "of the feed-forward layers. Many small activations can be dropped with little loss of quality. "
+)
+
+
+def build_tokenizer(out: Path):
+    """A byte-level BPE tokenizer with a BOS token, trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([TEXT] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok.save_pretrained(out)
+    return tok
+
+
+def build_tiny(out: Path, kind: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny random-init causal LM (+ tokenizer) as a local HF checkpoint directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2MoeConfig
+
+    tok = build_tokenizer(out)
+    vocab = len(tok)
+    if kind == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128)
+    elif kind == "gemma3":
+        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, vocab_size=vocab, max_position_embeddings=128,
+                               sliding_window=16)
+    elif kind == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128)
+    elif kind == "qwen2moe":
+        cfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                             num_experts_per_tok=2, shared_expert_intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128)
+    else:
+        raise ValueError(kind)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real ``actsparse`` console script in a subprocess."""
+    exe = Path(sys.executable).with_name("actsparse")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "1m", ro: bool = False):
+    """Mount a small tmpfs (disk-full and read-only tests); skip where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        if ro:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """http.server with single byte-range support (python's own ignores Range; real servers do not)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        path = self.translate_path(self.path)
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if m is None or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        a, b = m.groups()
+        start, end = (max(0, size - int(b)), size - 1) if a == "" else (int(a), min(int(b or size - 1), size - 1))
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
