@@ -126,7 +126,7 @@ def synthesize(root: Path, manifest: dict, tokens, stats: dict, target_rows: int
                     cols[c] = pa.array(v, pa.float32(), mask=np.isnan(v))
                 table = pa.table(cols, schema=schema).sort_by([("layer", "ascending"), ("token_index", "ascending")])
                 atomic_write_parquet(run_dir / fmt.stats_part(site, k), table, row_group_size=fmt.STATS_ROW_GROUP,
-                                     use_dictionary=["run_id", "site"], fsync=False)
+                                     use_dictionary=["run_id", "site"])
                 total += table.num_rows
                 assert table.num_rows == n * n_layers
         crit = pa.table(dict(run_id=[rid] * 4, target=["intermediate"] * 4, rule=["top-p"] * 4,

@@ -93,11 +93,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_write_parquet(path: str | Path, table, *, row_group_size: int = 256 * 1024,
-                         use_dictionary: bool | list[str] = True, fsync: bool = True) -> None:
-    """Write a pyarrow table as zstd-compressed Parquet atomically.
+                         use_dictionary: bool | list[str] = True, fsync: bool = False) -> None:
+    """Write a pyarrow table as zstd-compressed Parquet atomically (a reader sees the old file or the new one).
 
     ``row_group_size`` counts rows (pyarrow's default of 1 Mi rows would make DuckDB scan huge groups,
-    docs/pitfalls.md P9); ``use_dictionary`` as pyarrow's (a list names the columns that get one).
+    docs/pitfalls.md P9); ``use_dictionary`` as pyarrow's (a list names the columns that get one); ``fsync``
+    forces the data to disk before the rename (off by default: collection writes several parts per shard on
+    its hot path).
     """
     import pyarrow.parquet as pq
 
