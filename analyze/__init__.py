@@ -1,1 +1,2 @@
-"""Offline analysis of stored activations."""
+"""Analysis of stored activations: sparsification rules, whole-grid sweeps, open-loop curves, closed-loop
+evaluation, per-token statistics and the HTML report."""
