@@ -46,7 +46,6 @@ BUILTINS = {
 }
 
 
-
 def read_utf8(path: Path) -> str:
     """Strict UTF-8 text of ``path`` (a leading BOM dropped); ActsparseError gives the bad byte offset."""
     data = path.read_bytes()
@@ -67,7 +66,6 @@ def require_package(b: Builtin) -> Path:
             f"built-in corpus {b.name!r} needs the {b.module!r} package, which is not installed: {b.pip}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
-
 
 
 def load_wiki(gensim_dir: Path) -> list[tuple[str, str]]:

@@ -41,6 +41,7 @@ SINGLE_DOC_HELDOUT_CUT = 0.9
 _USER_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 _DEFAULT_TEXT_FIELD = "text"
 
+
 @dataclass(frozen=True)
 class Document:
     """One document of a corpus.

@@ -51,7 +51,6 @@ def _checked(key: str, value, where: str):
     return value
 
 
-
 def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:
     """Parse a jobs file into ``(store, configs)``.
 

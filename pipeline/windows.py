@@ -34,7 +34,6 @@ class Window:
     special: np.ndarray
 
 
-
 def iter_windows(
     documents: Iterable[Document],
     tokenizer,

@@ -46,6 +46,7 @@ from actsparse.share.verify import verify_runs
 ARCHIVE_INDEX = "archive.json"
 CARD = "README.md"
 
+
 @dataclass
 class PackResult:
     """What :func:`pack` wrote."""

@@ -89,8 +89,6 @@ def tmpfs(path: Path, size: str = "1m", ro: bool = False):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-
-
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """http.server with single byte-range support (python's own ignores Range; real servers do not)."""
 
