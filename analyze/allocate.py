@@ -11,9 +11,11 @@ The problem: choose one grid value per layer l (sparsity s_l, error e_l) to mini
 sum_l w_l s_l / sum_l w_l >= S, w_l the layer's width x tokens (the model-level sparsity of docs/paper-notes.md
 §1.4). The solver walks each layer's lower convex hull of (s, e) from its densest point, always taking the step
 with the least error per unit of model-level sparsity (the greedy is optimal for the relaxation in which a
-layer may mix two neighbouring grid points, and stops at most one grid step of one layer past S). Uniform
-allocations (one grid value everywhere) that reach S are the baseline: when one has less summed error than
-the greedy's, it is returned instead, so an allocation never does worse than uniform open-loop.
+layer may mix two neighbouring grid points); the layer whose step crosses S then steps back to its least
+sparse grid point still reaching S, so the result lands at most one grid step of one layer past S. The
+baseline is uniform p at the same sparsity (the least sparse grid value whose uniform allocation reaches S):
+when it has less summed error than the greedy's, it is returned instead, so an allocation never does worse
+than uniform open-loop.
 
 Allocation file (JSON, ``ALLOCATION_FORMAT``), documented in docs/store-format.md "Allocation files".
 """
@@ -118,22 +120,33 @@ def solve(values: Sequence[float], sparsity, error, weight, target: float) -> Al
 
     for l_ in range(n_layers):
         push(l_)
+    last = None  # the layer of the step that crossed the target, and where it stood before
     while reached < target - 1e-12 and heap:
         _, l_ = heapq.heappop(heap)
         a, b = hulls[l_][pos[l_]], hulls[l_][pos[l_] + 1]
         reached += w[l_] * (s[l_, b] - s[l_, a]) / total
         pos[l_] += 1
+        last = (l_, a)
         push(l_)
     idx = [hulls[l_][pos[l_]] for l_ in range(n_layers)]
+    if last is not None:
+        # A hull step can jump over grid points: move the crossing layer back to its least sparse point that
+        # still reaches the target, so the result overshoots by at most one grid step of that layer.
+        l_, a = last
+        rest = reached - w[l_] * s[l_, idx[l_]] / total
+        ok_j = [j for j in range(len(v)) if s[l_, a] < s[l_, j] <= s[l_, idx[l_]]
+                and rest + w[l_] * s[l_, j] / total >= target - 1e-12]
+        idx[l_] = min(ok_j, key=lambda j: (s[l_, j], e[l_, j]))
     greedy_err = float(sum(e[l_, j] for l_, j in enumerate(idx)))
 
+    # the baseline: uniform p at the same sparsity, the least sparse grid value reaching the target
     uni_model = (s * w[:, None]).sum(axis=0) / total
-    uni_err = e.sum(axis=0)
     ok = np.nonzero(uni_model >= target - 1e-12)[0]
-    u = int(ok[np.argmin(uni_err[ok])]) if len(ok) else None
+    u = int(ok[np.argmin(uni_model[ok])]) if len(ok) else None
     method = "greedy"
-    if u is not None and uni_err[u] < greedy_err:
+    if u is not None and e[:, u].sum() < greedy_err:
         idx, method = [u] * n_layers, "uniform"
+    uni_err = e.sum(axis=0)
     chosen_s = [float(s[l_, j]) for l_, j in enumerate(idx)]
     chosen_e = [float(e[l_, j]) for l_, j in enumerate(idx)]
     return Allocation(
