@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from actsparse import CollectConfig, collect
 from actsparse.analyze.allocate import allocate, read_allocation, solve, write_allocation
 from actsparse.core.errors import ActsparseError
 from tests.helpers import run_cli
@@ -76,13 +75,9 @@ def test_thirty_layers_by_26_values_is_fast():
     assert time.perf_counter() - t0 < 1.0  # 10 solves; the benchmark times one (make bench-allocate)
 
 
-@pytest.fixture(scope="module")
-def store(tiny_llama, text_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("allocate")
-    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=600, seq_len=64,
-                                batch_size=2, chunk_tokens=128, sites=("input", "intermediate")),
-                  path, progress=False, log=lambda m: None)
-    return path, res.run_id
+@pytest.fixture
+def store(analysis_store):
+    return analysis_store
 
 
 def test_allocation_from_curves_and_its_file(store, tmp_path):

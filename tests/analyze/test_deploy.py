@@ -7,7 +7,6 @@ import polars as pl
 import pytest
 import torch
 
-from actsparse import CollectConfig, collect
 from actsparse.analyze import rules as R
 from actsparse.analyze.deploy import batch_union_sparsity, compute_deployment, exact_topk_mask, nm_mask
 from actsparse.core.errors import ActsparseError
@@ -57,13 +56,9 @@ def test_nm_masks_keep_exactly_n_per_group_of_m(n, m):
     assert (u.sum(-1) == 64 * n // m).all()
 
 
-@pytest.fixture(scope="module")
-def store(tiny_llama, text_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("deploy")
-    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=600, seq_len=64,
-                                batch_size=2, chunk_tokens=128, sites=("input", "intermediate")),
-                  path, progress=False, log=lambda m: None)
-    return path, res.run_id
+@pytest.fixture
+def store(analysis_store):
+    return analysis_store
 
 
 def test_deployment_tables_views_and_named_query(store):
@@ -87,8 +82,9 @@ def test_deployment_tables_views_and_named_query(store):
     assert (nm["rel_err_unstructured"] <= nm["rel_err_nm"] + 1e-9).all()
     assert nm["out_err_nm"].is_not_null().all()
     st = Store(str(path))
-    assert st.sql("SELECT count(*) AS n FROM neurons")["n"][0] == neurons.height
-    assert st.sql("SELECT count(*) AS n FROM batch_union")["n"][0] == batch.height
+    ident = neurons["analysis_id"][0]
+    assert st.sql("SELECT count(*) AS n FROM neurons WHERE analysis_id = $id", id=ident)["n"][0] == neurons.height
+    assert st.sql("SELECT count(*) AS n FROM batch_union WHERE analysis_id = $id", id=ident)["n"][0] == batch.height
     ext = st.query("neuron_extremes", run=run_id[:6], on=0.9, off=0.1)
     assert set(ext["kind"].to_list()) <= {"always-on", "never-on"}
     want = int(((neurons["keep_rate"] >= 0.9) | (neurons["keep_rate"] <= 0.1)).sum())
@@ -102,5 +98,5 @@ def test_cli_deployment(store):
     r = run_cli("deployment", str(path), "--tokens", "128", "--batch-sizes", "1,8", "--patterns", "2:4", "-q")
     assert r.returncode == 0, r.stderr
     assert "batch-union sparsity" in r.stdout and "2:4" in r.stdout
-    r = run_cli("deployment", str(path), "--patterns", "2-4")
+    r = run_cli("deployment", str(path), "--patterns", "2-4", "--no-cache")
     assert r.returncode == 2 and "N:M pairs" in r.stderr

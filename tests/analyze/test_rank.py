@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 import torch
 
-from actsparse import CollectConfig, collect
 from actsparse.analyze.rank import compute_rank, effective_rank, effective_rank_of, gram_singular_values
 from actsparse.core.errors import ActsparseError
 from actsparse.queries.engine import Store
@@ -59,13 +58,9 @@ def test_bounds_and_exact_cases():
         effective_rank(torch.zeros(0, 4))
 
 
-@pytest.fixture(scope="module")
-def store(tiny_llama, text_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("rank")
-    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=600, seq_len=64,
-                                batch_size=2, chunk_tokens=128, sites=("input", "intermediate")),
-                  path, progress=False, log=lambda m: None)
-    return path, res.run_id
+@pytest.fixture
+def store(analysis_store):
+    return analysis_store
 
 
 def test_rank_of_a_run_is_stored_and_queryable(store):
@@ -85,7 +80,7 @@ def test_rank_of_a_run_is_stored_and_queryable(store):
     # more tokens, higher (or equal) rank: it is bounded by the count
     wide = df.pivot(on="n_tokens", index=["site", "layer"], values="erank")
     assert (wide["128"] >= wide["32"]).all()
-    view = run.sql("SELECT count(*) AS n, max(erank) AS top FROM effective_rank")
+    view = run.sql("SELECT count(*) AS n FROM effective_rank WHERE analysis_id = $id", id=df["analysis_id"][0])
     assert view["n"][0] == df.height
     again = compute_rank(path, run_id, token_counts=(32, 128, 100000))
     assert again.equals(df)  # read back from the store
@@ -98,5 +93,5 @@ def test_cli_rank(store):
     r = run_cli("rank", str(path), "--tokens", "64", "--site", "input", "-q")
     assert r.returncode == 0, r.stderr
     assert "effective rank" in r.stdout and "input" in r.stdout
-    r = run_cli("rank", str(path), "--site", "up")
-    assert r.returncode == 2 and "has no site 'up'" in r.stderr
+    r = run_cli("rank", str(path), "--site", "output")
+    assert r.returncode == 2 and "has no site 'output'" in r.stderr

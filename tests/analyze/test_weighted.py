@@ -7,7 +7,6 @@ import polars as pl
 import pytest
 import torch
 
-from actsparse import CollectConfig, collect
 from actsparse.analyze import rules as R
 from actsparse.analyze.curves import compute_curves
 from actsparse.analyze.sparsifier import Sparsifier, per_hook
@@ -79,13 +78,9 @@ def test_consumer_norms_are_the_consuming_weights_columns():
     assert torch.allclose(consumer_norms(w, "input"), torch.tensor([stacked[:, i].norm() for i in range(4)]))
 
 
-@pytest.fixture(scope="module")
-def store(tiny_llama, text_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("weighted")
-    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=600, seq_len=64,
-                                batch_size=2, chunk_tokens=128, sites=("input", "act", "up", "intermediate"),
-                                dtype="float32"), path, progress=False, log=lambda m: None)
-    return path, res.run_id
+@pytest.fixture
+def store(analysis_store):
+    return analysis_store
 
 
 def test_cett_calibration_reaches_the_target_error(store):
