@@ -68,10 +68,11 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         run_id: run id or unique prefix (None: the store's only run).
         targets: subset of ``TARGETS``; rules: subset of ``RULES``.
         grids: ``{rule: values}``; default ``DEFAULT_GRIDS`` (top-p: the paper's 26 values). For
-            ``threshold`` the values are target sparsities; tau is calibrated per layer on every
-            ``CALIBRATION_EVERY``-th window, and only the other windows are evaluated for it (the
-            other rules evaluate every window: with threshold among several rules, the result joins
-            two analyses, each with its own ``analysis_id``).
+            the calibrated rules the values are targets (``threshold``: sparsities; ``cett``: relative
+            FFN-output errors); tau is calibrated per layer on every ``CALIBRATION_EVERY``-th window,
+            and only the other windows are evaluated for them (the other rules evaluate every window:
+            with a calibrated rule among others, the result joins two analyses, each with its own
+            ``analysis_id``). The WINA rules rank by |a_i| * ||W[:, i]|| with the stored weights.
         power: top-p power q >= 1 (authors' ``topp_power``).
         include_special: count BOS/special tokens (excluded by default: attention-sink tokens skew
             statistics, docs/pitfalls.md P4).
