@@ -16,7 +16,10 @@ def allocate(
     run: RunOption = None,
     target: str = typer.Option("intermediate", help="input | gate | up | intermediate"),
     rule: str = typer.Option("top-p", help="the rule whose per-layer values are allocated (its curves grid)"),
-    sparsity: str = typer.Option(..., help="comma-separated model-level sparsities to reach, e.g. 0.4,0.5,0.6"),
+    sparsity: str = typer.Option(..., help="comma-separated model-level sparsities to reach, e.g. 0,0.4,0.5,0.6 "
+                                           "(0 gives closed-loop critical sparsity its dense point)"),
+    metric: str = typer.Option("rel_err_mean", help="per-layer error summed: rel_err_mean (||dy|| / ||y||) or "
+                                                    "err_vs_input_mean (||dy|| / ||x||)"),
     grid: str | None = typer.Option(None, help="comma-separated rule values of the curves (default: the rule's)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="allocation file to write (JSON; for "
                                                               "`actsparse evaluate --allocation`)"),
@@ -42,6 +45,8 @@ def allocate(
     wanted = list(numbers(sparsity, "--sparsity"))
     if not wanted:
         raise ActsparseError("--sparsity is empty")
+    if metric not in ("rel_err_mean", "err_vs_input_mean"):
+        raise ActsparseError(f"--metric must be rel_err_mean or err_vs_input_mean, got {metric!r}")
     g = numbers(grid, "--grid")
     st = StoreReader(store)
     chosen = st.run(run)
@@ -50,10 +55,10 @@ def allocate(
                          chosen.n_tokens * chosen.n_layers)
         curves = compute_curves(st, chosen.run_id, targets=(target,), rules=(rule,),
                                 grids={rule: g} if g else None, progress=step)
-    layers, allocs = solve_all(curves, target, rule, wanted)
+    layers, allocs = solve_all(curves, target, rule, wanted, metric)
     if out is not None:
         write_allocation(out, run_id=chosen.run_id, model=chosen.manifest.model_spec,
-                         analysis_id=curves["analysis_id"][0], target=target, rule=rule, metric="rel_err_mean",
+                         analysis_id=curves["analysis_id"][0], target=target, rule=rule, metric=metric,
                          layers=layers, allocations=allocs)
     if format != "table":
         emit(pl.DataFrame([dict(sparsity=a.sparsity, layer=layer, value=v, layer_sparsity=s, layer_error=e,

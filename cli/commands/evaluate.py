@@ -94,7 +94,7 @@ def evaluate(
         results.append(res)
     _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), CRITICAL_COLUMNS,
            "closed-loop critical sparsity (ratio >= 0.99; 95% bootstrap interval over windows)")
-    if run is not None:
+    if run is not None and alloc is None:  # the open-loop curves have no rows of an allocation to compare with
         try:
             rows = [proxy_check(store, run, eval_id=r.eval_id, tolerance=tolerance) for r in results]
         except ActsparseError as e:
