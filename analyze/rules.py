@@ -5,7 +5,10 @@ dimensions beyond ``tokens`` also work) to a bool *keep* mask of the same shape,
 per token (per row), exactly as the paper authors' harness does it
 (``lm_eval/sparsification_manager.py``: ``get_topp_mask``, ``get_topk_mask``,
 ``get_maxp_mask``; docs/paper-notes.md §1.2–1.4). The threshold rule is the
-calibrated TEAL-style rule of docs/paper-notes.md §8.
+calibrated TEAL-style rule of docs/paper-notes.md §8. The WINA rules (``wina-top-k``,
+``wina-top-p``) rank by |a_i| * ||W[:, i]||_2 of the weight that consumes the vector
+(docs/paper-notes.md §1.3; ``analyze.weighted`` says which weight per target); ``cett`` is a
+threshold calibrated per layer on a target output error (``analyze.weighted``).
 
 Numerics follow the authors to the bit: magnitudes and thresholds live in ``a``'s dtype
 (bf16 in all of the paper's runs), only the top-p cumulative sum is float64, and an
@@ -47,8 +50,9 @@ def check_block(a: torch.Tensor, *, ndim: int | None = None) -> None:
 def check_rule_value(rule: str, value: float, power: float = 1.0) -> None:
     """Raise ActsparseError unless ``value`` (and ``power``) are valid for ``rule``.
 
-    Ranges: top-p p in [0, 1] and max-p p in [0, 1] (the authors assert 0 <= th <= 1);
-    top-k fraction kept in (0, 1] (the authors crash at 0); threshold tau finite >= 0.
+    Ranges: top-p, wina-top-p and max-p p in [0, 1] (the authors assert 0 <= th <= 1);
+    top-k and wina-top-k fraction kept in (0, 1] (the authors crash at 0); threshold tau finite
+    >= 0; cett a target relative FFN-output error in [0, 1].
     ``power`` q must be finite and >= 1 (authors' assert) and is only defined for top-p.
     """
     if rule not in RULES:
@@ -59,10 +63,10 @@ def check_rule_value(rule: str, value: float, power: float = 1.0) -> None:
     except (TypeError, ValueError):
         raise ActsparseError(f"{rule} value and power must be numbers, got {value!r} and {power!r}") from None
     # Written as positive range checks so that NaN fails them.
-    if rule in ("top-p", "max-p") and not 0.0 <= v <= 1.0:
+    if rule in ("top-p", "max-p", "wina-top-p", "cett") and not 0.0 <= v <= 1.0:
         raise ActsparseError(f"{rule} value must be in [0, 1], got {value!r}")
-    if rule == "top-k" and not 0.0 < v <= 1.0:
-        raise ActsparseError(f"top-k value (fraction kept) must be in (0, 1], got {value!r}")
+    if rule in ("top-k", "wina-top-k") and not 0.0 < v <= 1.0:
+        raise ActsparseError(f"{rule} value (fraction kept) must be in (0, 1], got {value!r}")
     if rule == "threshold" and not (v >= 0.0 and math.isfinite(v)):
         raise ActsparseError(f"threshold value must be finite and >= 0, got {value!r}")
     if not (q >= 1.0 and math.isfinite(q)):
@@ -213,13 +217,52 @@ def calibrate_threshold(a_calib: torch.Tensor, target_sparsity: float) -> float:
     return float(torch.kthvalue(s, k + 1).values)
 
 
-def rule_mask(rule: str, a: torch.Tensor, value: float, *, power: float = 1.0) -> torch.Tensor:
-    """Keep mask of ``rule`` ("top-p" | "top-k" | "max-p" | "threshold") at ``value``.
+def wina_score(a: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """WINA's ranking score ``|a_i| * ||W[:, i]||_2``, in a's dtype.
+
+    a: [tokens, width], any float dtype; norms: [width] column norms of the weight that consumes
+    the vector (``analyze.weighted.consumer_norms``), cast to a's dtype; returns a's shape and dtype.
+    Source: WINA (Chen et al. 2025, arXiv 2505.19427), eq. 4: the product of the input magnitude and
+    the column norm of the weight it multiplies.
+
+    Raises:
+        ActsparseError: norms whose shape is not [width].
+    """
+    check_block(a)
+    if not isinstance(norms, torch.Tensor) or tuple(norms.shape) != (a.shape[-1],):
+        raise ActsparseError(f"WINA needs column norms of shape [{a.shape[-1]}], got "
+                             f"{tuple(getattr(norms, 'shape', ()))}")
+    return a.abs() * norms.to(a.dtype)
+
+
+def wina_mask(rule: str, a: torch.Tensor, value: float, norms: torch.Tensor) -> torch.Tensor:
+    """Keep mask of a WINA rule: ``wina-top-k`` (fraction kept) or ``wina-top-p`` on ``wina_score``.
+
+    a: [tokens, width]; returns bool [tokens, width]. The score replaces |a| in ``topk_mask`` /
+    ``topp_mask`` (ties at the threshold kept; top-p's mass is the score's L1 mass).
+    """
+    check_rule_value(rule, value)
+    s = wina_score(a, norms)
+    return topk_mask(s, value) if rule == "wina-top-k" else topp_mask(s, value)
+
+
+def rule_mask(rule: str, a: torch.Tensor, value: float, *, power: float = 1.0,
+              norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask of ``rule`` (one of ``RULES``) at ``value``.
 
     a: [tokens, width], any float dtype; returns bool [tokens, width]. ``power`` is only
-    valid for top-p. Unknown rules and out-of-range values raise ActsparseError.
+    valid for top-p; ``norms`` [width] (column norms of the consuming weight) only and always for
+    the WINA rules. ``cett`` is a calibrated threshold: its per-layer tau is applied with
+    ``threshold``. Unknown rules, out-of-range values and missing norms raise ActsparseError.
     """
     check_rule_value(rule, value, power)
+    if rule in ("wina-top-k", "wina-top-p"):
+        if norms is None:
+            raise ActsparseError(f"rule {rule} needs the column norms of the weight consuming the vector")
+        return wina_mask(rule, a, value, norms)
+    if rule == "cett":
+        raise ActsparseError("rule cett is a per-layer calibrated threshold: calibrate tau "
+                             "(analyze.weighted.calibrate_cett) and apply it with the threshold rule")
     if rule == "top-p":
         return topp_mask(a, value, power)
     if rule == "top-k":

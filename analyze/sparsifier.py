@@ -37,14 +37,22 @@ from types import TracebackType
 import numpy as np
 import torch
 
-from actsparse.analyze.rules import RULES, check_block, check_rule_value, magnitude, rule_mask, topp_mask
+from actsparse.analyze.rules import (
+    check_block,
+    check_rule_value,
+    magnitude,
+    rule_mask,
+    threshold_mask,
+    topp_mask,
+)
 from actsparse.core.errors import ActsparseError
-from actsparse.core.vocab import TARGETS
+from actsparse.core.vocab import CALIBRATED_RULES, RULES, TARGETS, WEIGHTED_RULES
 from actsparse.pipeline.sites import FFNArchitecture
 
-# The threshold rule needs a per-layer calibrated tau (analyze.curves calibrates one per layer on the
-# stored activations); one absolute tau for every layer is not the rule the paper or TEAL evaluates.
-CLOSED_LOOP_RULES = ("top-p", "top-k", "max-p")
+# Every rule runs in closed loop. The calibrated ones (threshold, cett) need a tau per hook point, calibrated
+# on a run's stored activations (``analyze.evaluate`` does it when given the run); one absolute tau for every
+# layer is not the rule TEAL or the Sparsing Law evaluates.
+CLOSED_LOOP_RULES = RULES
 
 # Non-negative floats order like their bit patterns read as signed integers of the same width, so an
 # integer sort of |a| gives exactly the values torch.sort gives (NaN rows are handled separately).
@@ -128,31 +136,39 @@ def topp_mask_fast(a: torch.Tensor, p: float, power: float = 1.0) -> torch.Tenso
     return keep_and_count("top-p", a, p, power)[0]
 
 
-def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0,
+                   norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep mask of ``rule`` at ``value`` and the kept entries per token, for a block a [..., width].
 
     Returns bool of a's shape (identical to ``analyze.rules.rule_mask``; top-p as
-    :func:`topp_mask_fast`) and int64 of a's shape without the width.
+    :func:`topp_mask_fast`) and int64 of a's shape without the width. A calibrated rule's value is its tau
+    (applied as ``threshold``); the WINA rules need ``norms`` [width].
     """
     check_block(a)
+    if rule in CALIBRATED_RULES:
+        check_rule_value("threshold", value)
+        keep = threshold_mask(a, value)
+        return keep, keep.sum(dim=-1)
     check_rule_value(rule, value, power)
     if rule == "top-p" and a.device.type == "cpu" and a.dtype in _INT_VIEW:
         return _topp_keep_count(a, value, power)
-    keep = rule_mask(rule, a, value, power=power)
+    keep = rule_mask(rule, a, value, power=power, norms=norms)
     return keep, keep.sum(dim=-1)
 
 
 def check_closed_loop(target: str, rule: str, values, power: float = 1.0) -> None:
-    """Raise ActsparseError for an unknown target, a rule not usable in closed loop or a bad value."""
+    """Raise ActsparseError for an unknown target or rule, or a bad value (a calibrated rule's values are
+    its targets: sparsities for threshold, relative errors for cett, each in [0, 1])."""
     if target not in TARGETS:
         raise ActsparseError(f"unknown target '{target}' (choose {', '.join(TARGETS)})")
     if rule not in CLOSED_LOOP_RULES:
-        if rule in RULES:
-            raise ActsparseError(f"rule '{rule}' needs a per-layer calibrated tau and is not supported in closed "
-                                 f"loop (choose {', '.join(CLOSED_LOOP_RULES)})")
         raise ActsparseError(f"unknown rule '{rule}' (choose {', '.join(CLOSED_LOOP_RULES)})")
     for v in values:
-        check_rule_value(rule, v, power)
+        if rule in CALIBRATED_RULES:
+            check_rule_value("cett", v)  # a target in [0, 1]
+            check_rule_value("top-p", 0.0, power)  # power only for top-p
+        else:
+            check_rule_value(rule, v, power)
 
 
 @dataclass(frozen=True)
@@ -182,6 +198,12 @@ def hook_points(arch: FFNArchitecture, target: str) -> tuple[HookPoint, ...]:
 class Sparsifier:
     """Context manager that sparsifies ``target`` with ``rule`` at ``value`` in every FFN layer.
 
+    ``value`` is one rule value for every hook, or a sequence with one value per hook point (in
+    :attr:`points` order; :func:`per_hook` expands one value per layer): a per-layer allocation
+    (``analyze.allocate``), or the per-hook taus of a calibrated rule (threshold, cett), which must be given
+    this way. The WINA rules rank by ``|a_i| * ||W[:, i]||`` with the column norms of the consuming weight
+    (``analyze.weighted.consumer_norms``), taken from the model's own FFN weights on entry.
+
     Usage per batch: ``begin_batch(valid)`` with ``valid`` bool [batch, seq] (positions whose
     sparsity is counted: not padding, not special), run the model, then ``end_batch()`` returns the
     zeroed-entry counts int64 [n_hooks, batch] summed over each sequence's valid positions, hooks in
@@ -192,10 +214,28 @@ class Sparsifier:
         ActsparseError: unknown target or rule, a value out of range, ``up`` on a non-GLU FFN.
     """
 
-    def __init__(self, arch: FFNArchitecture, target: str, rule: str, value: float, *, power: float = 1.0) -> None:
-        check_closed_loop(target, rule, (value,), power)
-        self.arch, self.target, self.rule, self.value, self.power = arch, target, rule, float(value), float(power)
+    def __init__(self, arch: FFNArchitecture, target: str, rule: str, value, *, power: float = 1.0) -> None:
         self.points = hook_points(arch, target)
+        if isinstance(value, int | float):
+            if rule in CALIBRATED_RULES:
+                raise ActsparseError(f"rule {rule} needs a calibrated tau per hook point (one value per layer), "
+                                     "not one value for every layer")
+            values = [float(value)] * len(self.points)
+        else:
+            values = [float(v) for v in value]
+            if len(values) != len(self.points):
+                raise ActsparseError(f"{len(values)} rule values for {len(self.points)} hook points of target "
+                                     f"{target}")
+        if rule in CALIBRATED_RULES:
+            check_closed_loop(target, rule, (), power)
+            for v in values:
+                check_rule_value("threshold", v)
+        else:
+            check_closed_loop(target, rule, values, power)
+        self.arch, self.target, self.rule, self.power = arch, target, rule, float(power)
+        self.values = values
+        self.value = values[0] if len(set(values)) == 1 else None  # one value for all hooks, else None
+        self._norms: list[torch.Tensor | None] = [None] * len(self.points)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._valid: torch.Tensor | None = None
         self._counts: list[torch.Tensor | None] = [None] * len(self.points)
@@ -205,7 +245,7 @@ class Sparsifier:
         self._x_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _apply(self, k: int, t: torch.Tensor) -> torch.Tensor:
-        keep, kept = keep_and_count(self.rule, t, self.value, self.power)
+        keep, kept = keep_and_count(self.rule, t, self.values[k], self.power, self._norms[k])
         self._fired[k] += 1
         if self._valid is not None:
             sparse = t.shape[-1] - kept
@@ -270,6 +310,8 @@ class Sparsifier:
     def __enter__(self) -> Sparsifier:
         if self._handles:
             raise ActsparseError("this Sparsifier is already active")
+        if self.rule in WEIGHTED_RULES and self._norms[0] is None:
+            self._norms = _wina_norms(self.arch, self.points)
         try:
             for k, point in enumerate(self.points):
                 self._handles.extend(self._register(k, point))
@@ -287,3 +329,26 @@ class Sparsifier:
             handle.remove()
         self._handles.clear()
         self._x_cache.clear()
+
+
+def per_hook(arch: FFNArchitecture, target: str, layer_values) -> list[float]:
+    """One value per layer (a sequence indexed by layer) expanded to one per hook point of ``target``
+    (all-inputs: both hooks of a layer take its value)."""
+    values = list(layer_values)
+    if len(values) != len(arch.layers):
+        raise ActsparseError(f"{len(values)} per-layer values for a model with {len(arch.layers)} FFN layers")
+    return [float(values[p.layer]) for p in hook_points(arch, target)]
+
+
+def _wina_norms(arch: FFNArchitecture, points) -> list[torch.Tensor]:
+    """Per hook point, the column norms of the weight consuming it, from the model's own FFN weights
+    (``analyze.weighted.consumer_norms``; computed in float32, kept on the weights' device)."""
+    from actsparse.analyze.weighted import consumer_norms
+    from actsparse.pipeline.ffn import ffn_weights
+
+    out, layer, weights = [], None, None
+    for p in points:  # in layer order: one layer's float32 copy at a time
+        if p.layer != layer:
+            layer, weights = p.layer, ffn_weights(arch, p.layer)
+        out.append(consumer_norms(weights, p.site))
+    return out

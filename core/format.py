@@ -308,6 +308,7 @@ CATALOGUE_COLUMNS: Columns = (
     ("activation", "VARCHAR"), ("n_tokens", "BIGINT"), ("n_sequences", "BIGINT"), ("seq_len", "INTEGER"),
     ("stored_dtype", "VARCHAR"), ("compute_dtype", "VARCHAR"), ("created", "VARCHAR"), ("completed", "VARCHAR"),
     ("bytes", "BIGINT"),
+    ("n_params", "BIGINT"), ("model_type", "VARCHAR"),
 )
 DOCUMENTS_COLUMNS: Columns = (("document_id", "INTEGER"), ("key", "VARCHAR"), ("split", "VARCHAR"),
                               ("n_chars", "BIGINT"))
@@ -387,10 +388,30 @@ RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
         ("critical_value_grid", "DOUBLE"), ("critical_sparsity_interp", "DOUBLE"), ("critical_lo", "DOUBLE"),
         ("critical_hi", "DOUBLE"), ("boot_undefined", "DOUBLE"), ("n_values", "BIGINT"), ("n_tokens", "BIGINT"),
         ("n_boot", "BIGINT"), ("label", "VARCHAR")), "actsparse evaluate", store_level=True),
+    ResultKind("effective_rank", "erank", (
+        ("run_id", "VARCHAR"), ("site", "VARCHAR"), ("layer", "BIGINT"), ("depth", "DOUBLE"), ("n_tokens", "BIGINT"),
+        ("width", "BIGINT"), ("max_rank", "BIGINT"), ("erank", "DOUBLE"), ("erank_norm", "DOUBLE"),
+        ("include_special", "BOOLEAN"), ("label", "VARCHAR"), ("analysis_id", "VARCHAR")), "actsparse rank"),
+    ResultKind("batch_union", "batch_union", (
+        ("run_id", "VARCHAR"), ("site", "VARCHAR"), ("rule", "VARCHAR"), ("value", "DOUBLE"), ("layer", "BIGINT"),
+        ("batching", "VARCHAR"), ("batch_size", "BIGINT"), ("n_batches", "BIGINT"), ("width", "BIGINT"),
+        ("token_sparsity", "DOUBLE"), ("union_sparsity", "DOUBLE"), ("analysis_id", "VARCHAR")),
+        "actsparse deployment"),
+    ResultKind("nm_sparsity", "nm", (
+        ("run_id", "VARCHAR"), ("site", "VARCHAR"), ("layer", "BIGINT"), ("pattern", "VARCHAR"), ("n", "BIGINT"),
+        ("m", "BIGINT"), ("n_tokens", "BIGINT"), ("sparsity", "DOUBLE"), ("rel_err_nm", "DOUBLE"),
+        ("rel_err_unstructured", "DOUBLE"), ("out_err_nm", "DOUBLE"), ("out_err_unstructured", "DOUBLE"),
+        ("analysis_id", "VARCHAR")), "actsparse deployment"),
+    ResultKind("neurons", "neurons", (
+        ("run_id", "VARCHAR"), ("site", "VARCHAR"), ("rule", "VARCHAR"), ("value", "DOUBLE"), ("layer", "BIGINT"),
+        ("neuron", "BIGINT"), ("n_tokens", "BIGINT"), ("keep_rate", "DOUBLE"), ("mean_abs", "DOUBLE"),
+        ("analysis_id", "VARCHAR")), "actsparse deployment"),
 )}
 CURVES, CRITICAL = RESULT_KINDS["curves"], RESULT_KINDS["critical_sparsity"]
 EVALUATION, EVALUATION_LAYERS = RESULT_KINDS["evaluations"], RESULT_KINDS["evaluation_layers"]
 EVALUATION_CRITICAL = RESULT_KINDS["evaluation_critical"]
+EFFECTIVE_RANK = RESULT_KINDS["effective_rank"]
+BATCH_UNION, NM_SPARSITY, NEURONS = RESULT_KINDS["batch_union"], RESULT_KINDS["nm_sparsity"], RESULT_KINDS["neurons"]
 
 _PATH_KINDS = _path_kinds()
 
@@ -483,6 +504,7 @@ class ModelInfo:
     max_position_embeddings: int | None = None
     vocab_size: int | None = None
     tokenizer: dict = field(default_factory=dict)
+    n_params: int | None = None
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> ModelInfo:
@@ -493,7 +515,7 @@ class ModelInfo:
         if not isinstance(wid, str) or not ID_RE.match(wid):
             raise ActsparseError(f"{where}: manifest weights_id {wid!r} is not a valid id")
         ints = {k: d[k] if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) else None
-                for k in ("max_position_embeddings", "vocab_size")}
+                for k in ("max_position_embeddings", "vocab_size", "n_params")}
         return cls(spec=_need(d, "spec", str, w), name=_need(d, "name", str, w),
                    weights_sha256=_need(d, "weights_sha256", str, w), weights_id=wid,
                    ffn=FFNInfo.from_dict(d.get("ffn"), where), source=_opt_str(d, "source"),
@@ -701,6 +723,8 @@ class Manifest:
     def to_dict(self) -> dict:
         """The JSON object of ``manifest.json`` (``completed`` and ``stats`` only once they exist)."""
         model = dataclasses.asdict(self.model)
+        if model.get("n_params") is None:
+            model.pop("n_params", None)  # runs collected before the field existed keep their manifest bytes
         d = dict(format=RUN_FORMAT, format_version=self.format_version, run_id=self.run_id, status=self.status,
                  created=self.created, config=self.config, identity=self.identity, model=model,
                  corpus=dataclasses.asdict(self.corpus), tokenization=self.tokenization,
@@ -722,5 +746,5 @@ class Manifest:
             d_model=ffn.d_model, d_ff=ffn.d_ff, activation=ffn.activation, n_tokens=self.n_tokens,
             n_sequences=self.n_sequences, seq_len=self.seq_len, stored_dtype=self.stored_dtype,
             compute_dtype=self.compute_dtype, created=self.created, completed=self.completed,
-            bytes=self.stats.get("bytes_on_disk"),
+            bytes=self.stats.get("bytes_on_disk"), n_params=self.model.n_params, model_type=self.model.model_type,
         )

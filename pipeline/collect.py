@@ -346,6 +346,8 @@ def _model_info(resolved: ResolvedModel, model, tok, arch: FFNArchitecture, wid:
         weights_sha256=resolved.weights_sha256, weights_id=wid, architecture=type(model).__name__,
         model_type=cfg.model_type, max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
         vocab_size=getattr(cfg, "vocab_size", None), ffn=fmt.FFNInfo(**arch.describe()),
+        # parameters of the loaded model, tied embeddings counted once (parameters() skips shared tensors)
+        n_params=sum(p.numel() for p in model.parameters()),
         tokenizer=dict(cls=type(tok).__name__, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, special_ids=sorted(tok.all_special_ids)),
     )

@@ -47,6 +47,19 @@ def smollm2_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def analysis_store(tmp_path_factory, tiny_llama, text_corpus):
+    """One tiny-Llama run (600 tokens, sites input, act, up, intermediate, float32) shared by the analyses beyond
+    the paper (rank, weight-aware rules, allocation, deployment): ``(path, run_id)``. They add results to it."""
+    from actsparse import CollectConfig, collect
+
+    path = tmp_path_factory.mktemp("analysis-store")
+    res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=600, seq_len=64,
+                                batch_size=2, chunk_tokens=128, sites=("input", "act", "up", "intermediate"),
+                                dtype="float32"), path, progress=False, log=lambda m: None)
+    return path, res.run_id
+
+
+@pytest.fixture(scope="session")
 def two_model_store(tmp_path_factory, tiny_llama, text_corpus):
     """Two complete runs of two tiny models (a Llama and a GPT-2: different depths and widths) in one store:
     ``(path, llama_run_id, gpt2_run_id)``. Tests that change it work on a copy."""

@@ -27,6 +27,7 @@ from actsparse.core import format as fmt
 from actsparse.core.checksums import update_checksums
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_parquet
+from actsparse.core.vocab import CALIBRATED_RULES
 
 
 def _ordered_map(fn, items: Sequence, workers: int):
@@ -67,10 +68,11 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         run_id: run id or unique prefix (None: the store's only run).
         targets: subset of ``TARGETS``; rules: subset of ``RULES``.
         grids: ``{rule: values}``; default ``DEFAULT_GRIDS`` (top-p: the paper's 26 values). For
-            ``threshold`` the values are target sparsities; tau is calibrated per layer on every
-            ``CALIBRATION_EVERY``-th window, and only the other windows are evaluated for it (the
-            other rules evaluate every window: with threshold among several rules, the result joins
-            two analyses, each with its own ``analysis_id``).
+            the calibrated rules the values are targets (``threshold``: sparsities; ``cett``: relative
+            FFN-output errors); tau is calibrated per layer on every ``CALIBRATION_EVERY``-th window,
+            and only the other windows are evaluated for them (the other rules evaluate every window:
+            with a calibrated rule among others, the result joins two analyses, each with its own
+            ``analysis_id``). The WINA rules rank by |a_i| * ||W[:, i]|| with the stored weights.
         power: top-p power q >= 1 (authors' ``topp_power``).
         include_special: count BOS/special tokens (excluded by default: attention-sink tokens skew
             statistics, docs/pitfalls.md P4).
@@ -103,13 +105,14 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
     cfg.validate()
     for t in cfg.targets:
         required_sites(t, run.sites, run.manifest.ffn.glu)
-    if "threshold" in cfg.rules and len(cfg.rules) > 1:
-        # the threshold rule evaluates only the windows that do not calibrate it; every other rule
+    calibrated = [r for r in cfg.rules if r in CALIBRATED_RULES]
+    if calibrated and len(calibrated) < len(cfg.rules):
+        # the calibrated rules evaluate only the windows that do not calibrate them; every other rule
         # keeps every window, so the two are separate analyses (each cached on its own)
         parts = [compute_curves(st, run.run_id, targets=cfg.targets, rules=rs, grids=cfg.grids, power=cfg.power,
                                 include_special=include_special, with_error=with_error, block_tokens=block_tokens,
                                 layers=layers, use_cache=use_cache, progress=progress)
-                 for rs in ([r for r in cfg.rules if r != "threshold"], ["threshold"])]
+                 for rs in ([r for r in cfg.rules if r not in CALIBRATED_RULES], calibrated)]
         return pl.concat(parts, how="diagonal_relaxed").sort(
             ["target", "rule", "layer", "value"], descending=[False, False, False, True])
     analysis_id = fmt.content_hash(cfg.ident())
@@ -143,10 +146,11 @@ def _plan(run, cfg: CurveConfig, layers: Sequence[int] | None) -> _Plan:
     tokens = run.tokens()
     special = tokens["special"].to_numpy()
     seq = tokens["sequence"].to_numpy()
-    calib = (seq % CALIBRATION_EVERY == 0) if "threshold" in cfg.rules else np.zeros(len(seq), bool)
+    calibrated = any(r in CALIBRATED_RULES for r in cfg.rules)
+    calib = (seq % CALIBRATION_EVERY == 0) if calibrated else np.zeros(len(seq), bool)
     include = np.ones(len(seq), bool) if cfg.include_special else ~special
-    if "threshold" in cfg.rules and not (include & ~calib).any():
-        raise ActsparseError(f"threshold rule: run {run.run_id} has {len(np.unique(seq))} window(s), all of them "
+    if calibrated and not (include & ~calib).any():
+        raise ActsparseError(f"calibrated rules: run {run.run_id} has {len(np.unique(seq))} window(s), all of them "
                              f"calibrating tau (every {CALIBRATION_EVERY}th); it needs windows left to evaluate")
     layer_ids = list(range(run.n_layers)) if layers is None else list(layers)
     ffn = run.manifest.ffn
@@ -165,7 +169,7 @@ def _sweep(run, cfg: CurveConfig, plan: _Plan, progress: Callable[[int], None] |
     weights_of = _LayerWeights(run)
     taus: dict = {}
     calib_rows = np.nonzero(plan.calib & plan.include)[0][:2048]  # bounded memory: enough entries for a quantile
-    if "threshold" in cfg.rules:
+    if any(r in CALIBRATED_RULES for r in cfg.rules):
         for layer in plan.layer_ids:
             taus |= calibrate(run, cfg, layer, calib_rows, weights_of(layer))
     needed = _needed(cfg, run)

@@ -17,6 +17,11 @@ DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "top-k": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02),
     "max-p": (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5),
     "threshold": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95),
+    # WINA: fraction kept (top-k) and fraction of the score's L1 mass (top-p) of |a_i| * ||W[:, i]||
+    "wina-top-k": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.02),
+    "wina-top-p": R.DEFAULT_TOPP_GRID,
+    # cett: target relative FFN-output error per layer
+    "cett": (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
 }
 # Offline critical sparsity: the largest model-level sparsity whose mean relative FFN-output error
 # stays <= this. Chosen against closed-loop runs (README "Results"): with 0.1 the open-loop value falls
@@ -29,8 +34,9 @@ MAX_WORKERS = 8
 # Tokens per streamed block: four stored chunks per read, which zarr decodes concurrently (measured
 # 15-20% faster sweeps than one chunk per block on SmolLM2-135M); ~150 MB per block in flight.
 DEFAULT_BLOCK_TOKENS = 4096
-CALIBRATION_EVERY = 4  # threshold rule: every 4th window calibrates tau, the others are evaluated
-ANALYSIS_VERSION = 1
+CALIBRATION_EVERY = 4  # threshold and cett rules: every 4th window calibrates tau, the others are evaluated
+# 2: sites ranked in their stored (or 16-bit compute) dtype, so max-p/threshold compare in it (was float32)
+ANALYSIS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class CurveConfig:
                 if r == "threshold":
                     if not 0.0 <= v <= 1.0:
                         raise ActsparseError(f"threshold grid values are target sparsities in [0, 1], got {v}")
+                elif r == "cett":
+                    if not 0.0 <= v <= 1.0:
+                        raise ActsparseError(f"cett grid values are target relative errors in [0, 1], got {v}")
                 else:
                     R.check_rule_value(r, v, self.power if r == "top-p" else 1.0)
         if not self.targets or not self.rules:

@@ -39,6 +39,11 @@ class EvalConfig:
         seq_len, batch_size: windows as in collection; the batch composition changes float results,
             so both are part of the identity.
         compute_dtype: float32 | bfloat16 | float16 model dtype.
+        include_special: count BOS and other special tokens' sparsity, as the authors' harness does
+            (docs/paper-notes.md §1.4; excluded by default, docs/pitfalls.md P4). Predictions are unchanged.
+        allocation: a per-layer allocation file's object (``analyze.allocate.read_allocation``): each of its
+            allocations is one grid value (its requested model-level sparsity), applied with one rule value
+            per layer; target and rule are the file's.
     """
 
     model: str | None = None
@@ -53,9 +58,13 @@ class EvalConfig:
     compute_dtype: str = "float32"
     text_field: str | None = None
     trust_remote_code: bool = False
+    include_special: bool = False
+    allocation: dict | None = field(default=None, hash=False, compare=False)
 
     def values(self) -> tuple[float, ...]:
-        """The grid as floats, duplicates dropped, in the given order."""
+        """The grid as floats, duplicates dropped, in the given order (with an allocation: its sparsities)."""
+        if self.allocation is not None:
+            return tuple(dict.fromkeys(float(a["sparsity"]) for a in self.allocation["allocations"]))
         try:
             return tuple(dict.fromkeys(float(v) for v in self.grid))
         except (TypeError, ValueError):
@@ -65,7 +74,14 @@ class EvalConfig:
         """Raise ActsparseError for values that cannot work, before anything is loaded."""
         if not self.values():
             raise ActsparseError("the grid is empty; give at least one rule value")
-        check_closed_loop(self.target, self.rule, self.values(), self.power)
+        if self.allocation is not None:
+            if (self.allocation["target"], self.allocation["rule"]) != (self.target, self.rule):
+                raise ActsparseError(f"the allocation is for {self.allocation['target']}/{self.allocation['rule']}, "
+                                     f"not {self.target}/{self.rule}")
+            for a in self.allocation["allocations"]:
+                check_closed_loop(self.target, self.rule, a["values"], self.power)
+        else:
+            check_closed_loop(self.target, self.rule, self.values(), self.power)
         if self.seq_len < 2:
             raise ActsparseError(f"--seq-len must be at least 2 (got {self.seq_len})")
         if self.batch_size < 1:
@@ -96,7 +112,7 @@ class Evaluation:
     reused: list[float] = field(default_factory=list)
 
 
-def eval_identity(cfg: EvalConfig, weights_sha256: str, corpus_sha256: str) -> dict:
+def eval_identity(cfg: EvalConfig, weights_sha256: str, corpus_sha256: str, run_id: str | None = None) -> dict:
     """What identifies an evaluation (its ``eval_id`` is the content hash of this dict): the model
     weights' and corpus' sha256, every setting that changes a number, and the torch/transformers
     versions. The grid is not part of it: values are added to an evaluation as they are computed."""
@@ -105,4 +121,23 @@ def eval_identity(cfg: EvalConfig, weights_sha256: str, corpus_sha256: str) -> d
     return dict(kind="evaluate", version=EVAL_VERSION, weights_sha256=weights_sha256, corpus_sha256=corpus_sha256,
                 split=SPLIT, target=cfg.target, rule=cfg.rule, power=cfg.power, seq_len=cfg.seq_len,
                 max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, compute_dtype=cfg.compute_dtype, add_bos=True,
-                torch=torch.__version__, transformers=transformers.__version__)
+                torch=torch.__version__, transformers=transformers.__version__) | extra_identity(cfg, run_id)
+
+
+def extra_identity(cfg: EvalConfig, run_id: str | None = None) -> dict:
+    """Identity keys of the newer settings, present only when they differ from the default so that the ids of
+    evaluations made before them stay valid: special tokens counted, the allocation (its per-layer values and the
+    run whose curves made it), the run calibrating a calibrated rule's taus (``cfg`` is planned: see
+    ``evaluation._plan``)."""
+    from actsparse.core.vocab import CALIBRATED_RULES
+
+    extra: dict = {}
+    if cfg.include_special:
+        extra["include_special"] = True
+    if cfg.allocation is not None:
+        extra["allocation"] = dict(run_id=cfg.allocation["run_id"], analysis_id=cfg.allocation.get("analysis_id"),
+                                   values={str(float(a["sparsity"])): a["values"]
+                                           for a in cfg.allocation["allocations"]})
+    if cfg.rule in CALIBRATED_RULES:
+        extra["calibration"] = dict(run_id=run_id, windows="every 4th")
+    return extra

@@ -26,10 +26,11 @@ from actsparse.analyze.evaluate.config import (
 )
 from actsparse.analyze.evaluate.lm import Batch, LMHead, make_batch, token_metrics
 from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, done_values
-from actsparse.analyze.sparsifier import Sparsifier, hook_points
+from actsparse.analyze.sparsifier import Sparsifier, hook_points, per_hook
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_error, exclusive_lock
+from actsparse.core.vocab import CALIBRATED_RULES
 
 WINDOW_COLUMNS = tuple(c for c, _ in fmt.EVALUATION_VALUE_COLUMNS if c != "value")
 
@@ -93,6 +94,43 @@ class _Job:
     eval_id: str
     identity: dict
     meta: dict
+    store: object = None
+
+
+def hook_values(job: _Job, arch, values: Sequence[float]) -> dict[float, float | list[float]]:
+    """What the Sparsifier applies for each grid value: the value itself; with an allocation, its per-layer
+    values expanded to the hook points; for a calibrated rule (threshold, cett), the per-hook taus calibrated
+    on the run's calibration windows as ``actsparse curves`` calibrates them (analyze.curves.targets.calibrate)."""
+    cfg = job.cfg
+    per_layer: dict[float, list[float]] = {}
+    if cfg.allocation is not None:
+        by_s = {float(a["sparsity"]): a["values"] for a in cfg.allocation["allocations"]}
+        per_layer = {float(v): [float(x) for x in by_s[float(v)]] for v in values}
+    if cfg.rule not in CALIBRATED_RULES:
+        if not per_layer:
+            return {float(v): float(v) for v in values}
+        return {v: per_hook(arch, cfg.target, vals) for v, vals in per_layer.items()}
+    from actsparse.analyze.curves.config import CALIBRATION_EVERY, CurveConfig
+    from actsparse.analyze.curves.targets import calibrate
+    from actsparse.pipeline.reader import StoreReader
+
+    run = StoreReader(str(job.store)).run(job.run_id)
+    tokens = run.tokens()
+    calib = (tokens["sequence"].to_numpy() % CALIBRATION_EVERY == 0) & ~tokens["special"].to_numpy()
+    rows = np.nonzero(calib)[0][:2048]
+    points = hook_points(arch, cfg.target)
+    out: dict[float, list[float]] = {float(v): [] for v in values}
+    for layer in range(len(arch.layers)):
+        w = run.weights(layer)
+        for v in values:
+            grid = (per_layer[float(v)][layer],) if per_layer else (float(v),)
+            taus = calibrate(run, CurveConfig((cfg.target,), (cfg.rule,), {cfg.rule: grid}), layer, rows, w)
+            for p in points:
+                if p.layer == layer:
+                    key = (layer, "all-inputs/h" if cfg.target == "all-inputs" and p.site == "intermediate"
+                           else cfg.target, cfg.rule)
+                    out[float(v)].append(taus[key][0])
+    return out
 
 
 def _plan(cfg: EvalConfig, store, run: str | None) -> _Job:
@@ -121,18 +159,21 @@ def _plan(cfg: EvalConfig, store, run: str | None) -> _Job:
     windows = list(iter_windows(corpus.split(SPLIT), tok, cfg.seq_len, max_tokens=cfg.max_tokens, add_bos=True))
     special_ids = set(tok.all_special_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = [make_batch(windows[b:b + cfg.batch_size], pad_id, special_ids)
+    batches = [make_batch(windows[b:b + cfg.batch_size], pad_id, special_ids, count_special=cfg.include_special)
                for b in range(0, len(windows), cfg.batch_size)]
     n_pred = sum(len(b.targets) for b in batches)
     if n_pred < MIN_TOKENS:
         raise ActsparseError(f"the held-out split of corpus {cfg.corpus} gives {n_pred} predicted tokens "
                              f"({len(windows)} windows); closed-loop evaluation needs at least {MIN_TOKENS}")
-    identity = eval_identity(cfg, resolved.weights_sha256, corpus.sha256)
-    eval_id = fmt.content_hash(identity)
     run_id = manifest.run_id if manifest is not None else None
+    if cfg.rule in CALIBRATED_RULES and run_id is None:
+        raise ActsparseError(f"rule {cfg.rule} calibrates a tau per layer on a stored run: give --run and --store")
+    identity = eval_identity(cfg, resolved.weights_sha256, corpus.sha256, run_id)
+    eval_id = fmt.content_hash(identity)
+    rule = f"{cfg.rule}/allocated" if cfg.allocation is not None else cfg.rule
     meta = dict(run_id=run_id, eval_id=eval_id, model=cfg.model, corpus=corpus.spec, split=SPLIT,
-                target=cfg.target, rule=cfg.rule, power=cfg.power)
-    return _Job(cfg, resolved, batches, run_id, eval_id, identity, meta)
+                target=cfg.target, rule=rule, power=cfg.power)
+    return _Job(cfg, resolved, batches, run_id, eval_id, identity, meta, store)
 
 
 def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log: Callable[[str], None], *,
@@ -153,6 +194,7 @@ def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log:
     model = load_model(job.resolved, cfg.compute_dtype)
     arch = resolve_ffn(model)
     hooks = [dict(layer=p.layer, site=p.site, width=p.width) for p in hook_points(arch, cfg.target)]
+    applied = hook_values(job, arch, values)
     head = LMHead(model, cfg.model)
     if parts is not None:
         atomic_write_json(parts / fmt.EVALUATION_CONFIG, dict(identity=job.identity, meta=job.meta, hooks=hooks,
@@ -163,7 +205,7 @@ def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log:
         dense = _dense_pass(job, head, dense_cache_bytes, log)
         for v in values:
             t1 = time.perf_counter()
-            cols = _sparse_pass(job, head, arch, v, dense)
+            cols = _sparse_pass(job, head, arch, v, applied[float(v)], dense)
             frame = pl.DataFrame(dict(value=[float(v)] * len(cols["window"]), **cols), schema_overrides=dict(
                 window=pl.Int64, n_pred=pl.Int64, n_valid=pl.Int64, correct_sparse=pl.Int64, correct_dense=pl.Int64,
                 hook_sparse=pl.List(pl.Int64)))
@@ -224,11 +266,12 @@ def _dense_pass(job: _Job, head: LMHead, dense_cache_bytes: int, log: Callable[[
     return dense
 
 
-def _sparse_pass(job: _Job, head: LMHead, arch, value: float, dense: _Dense) -> dict[str, list]:
-    """Every batch with the rule at ``value`` in every FFN layer: per-window sums (``WINDOW_COLUMNS``)."""
+def _sparse_pass(job: _Job, head: LMHead, arch, value: float, applied, dense: _Dense) -> dict[str, list]:
+    """Every batch with the rule at grid value ``value`` in every FFN layer (``applied``: one value for every
+    hook, or one per hook point; see :func:`hook_values`): per-window sums (``WINDOW_COLUMNS``)."""
     cfg, chunk = job.cfg, dense.chunk
     cols: dict[str, list] = {c: [] for c in WINDOW_COLUMNS}
-    with Sparsifier(arch, cfg.target, cfg.rule, value, power=cfg.power) as sp:
+    with Sparsifier(arch, cfg.target, cfg.rule, applied, power=cfg.power) as sp:
         for i, b in enumerate(job.batches):
             sp.begin_batch(b.valid)
             h_s = head.hidden(b.ids, b.attn)[b.rows, b.cols]

@@ -64,15 +64,16 @@ class Batch:
     targets: torch.Tensor
 
 
-def make_batch(windows: list, pad_id: int, special_ids: set[int]) -> Batch:
-    """A right-padded batch of windows with its counted input positions (``valid``: real, non-special tokens)
-    and its predicted positions (position t predicts token t + 1; both in the window, the target not special)."""
+def make_batch(windows: list, pad_id: int, special_ids: set[int], *, count_special: bool = False) -> Batch:
+    """A right-padded batch of windows with its counted input positions (``valid``: real, non-special tokens;
+    with ``count_special`` every real token, as the authors count, docs/paper-notes.md §1.4) and its predicted
+    positions (position t predicts token t + 1; both in the window, the target not special)."""
     ids, attn = pad_batch(windows, pad_id)
     special = torch.ones(ids.shape, dtype=torch.bool)
     for i, w in enumerate(windows):
         n = len(w.token_ids)
         special[i, :n] = torch.from_numpy(w.special | np.isin(w.token_ids, list(special_ids)))
-    valid = attn.bool() & ~special
+    valid = attn.bool() if count_special else attn.bool() & ~special
     pred = torch.zeros_like(valid)
     pred[:, :-1] = attn[:, 1:].bool() & ~special[:, 1:]
     rows, cols = pred.nonzero(as_tuple=True)

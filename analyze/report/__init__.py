@@ -17,6 +17,8 @@ What it shows (the paper's kinds of figures, docs/paper-notes.md §5):
   sparsity, and critical sparsity with its bootstrap interval beside the open-loop one;
 * activations: the distribution of |a| per layer and site, and sparsity against the position in the
   window (from the per-token statistics of ``actsparse.analyze.token_stats``, or a bounded sample);
+* across runs, where stored: effective rank against relative depth beside critical sparsity (``actsparse
+  rank``), and critical sparsity against parameter count per model family (``analyze.report.scaling``);
 * the provenance of every run, from its manifest.
 
 The curves have one fixed configuration (``REPORT_TARGETS``, ``INPUT_TOPP_GRID``); ``actsparse.analyze.curves``
@@ -42,6 +44,7 @@ from actsparse.analyze.report.figures import (
     fig_sparsity_topp,
 )
 from actsparse.analyze.report.page import page
+from actsparse.analyze.report.scaling import fig_effective_rank, fig_size_scaling
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_text
 from actsparse.core.progress import ProgressFactory
@@ -107,6 +110,8 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
             fig_heatmap(figs, rd)
         if any(rd.closed.height for rd in data):
             fig_closed(figs, data)
+        fig_effective_rank(figs, st, data, open_crit)
+        fig_size_scaling(figs, data, open_crit)
         for rd in data:
             tokens = rd.run.tokens()
             special = tokens["special"].to_numpy()

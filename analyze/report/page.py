@@ -140,6 +140,8 @@ def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tol
         '<h2><span class="tag open">open-loop</span>Sparsity and simulated error</h2>', fig("fig-error-vs-sparsity"),
         per_run("fig-sparsity-vs-topp"), per_run("fig-heatmap"),
         '<h2><span class="tag closed">closed-loop</span>Evaluation</h2>', closed,
+        "<h2>Across runs</h2>" if ("fig-effective-rank" in by_stem or "fig-size-scaling" in by_stem) else "",
+        fig("fig-effective-rank"), fig("fig-size-scaling"),
         "<h2>Activations</h2>", per_run("fig-magnitudes"), per_run("fig-position"),
         "<h2>Provenance</h2>", "".join(_provenance(rd) for rd in data),
         "</body></html>",

@@ -16,7 +16,8 @@ def curves(
     store: str = typer.Argument(..., help="store path or URL"),
     run: RunOption = None,
     target: str = typer.Option("intermediate", help="comma-separated: input, gate, up, intermediate, all-inputs"),
-    rule: str = typer.Option("top-p", help="comma-separated: top-p, top-k, max-p, threshold"),
+    rule: str = typer.Option("top-p", help="comma-separated: top-p, top-k, max-p, threshold, wina-top-k, wina-top-p, "
+                                           "cett (threshold: value = target sparsity; cett: target relative error)"),
     grid: str | None = typer.Option(None, help="comma-separated values (default: the paper's 26 top-p values)"),
     power: float = typer.Option(1.0, help="top-p power q >= 1 (rule applied to |a|^q)"),
     include_special: bool = typer.Option(False, help="count BOS/special tokens (excluded by default)"),

@@ -32,7 +32,8 @@ def evaluate(
     corpus: str | None = typer.Option(None, "--corpus", "-c",
                                       help="corpus whose held-out split is used (default: the run's)"),
     target: str = typer.Option("intermediate", help="comma-separated: input, gate, up, intermediate, all-inputs"),
-    rule: str = typer.Option("top-p", help="top-p | top-k | max-p"),
+    rule: str = typer.Option("top-p", help="top-p | top-k | max-p | wina-top-k | wina-top-p | threshold | cett "
+                                           "(threshold and cett calibrate a tau per layer on --run)"),
     grid: str | None = typer.Option(None, help="comma-separated rule values "
                                                "(default: 1.0,0.99,0.98,0.97,0.95,0.92,0.9,0.85,0.8,0.7,0.6,0.5)"),
     store: Path | None = typer.Option(None, "--store", "-s",
@@ -49,6 +50,11 @@ def evaluate(
     boot: int = typer.Option(200, help="bootstrap resamples of windows for the intervals"),
     tolerance: float | None = typer.Option(None,
                                            help="offline error bound for the proxy check (default: 0.1, as curves)"),
+    allocation: Path | None = typer.Option(None, help="per-layer allocation file (actsparse allocate): its "
+                                                      "target, rule and per-layer values; one grid value per "
+                                                      "allocation (its model-level sparsity)"),
+    include_special: bool = typer.Option(False, help="count BOS/special tokens' sparsity, as the paper's harness "
+                                                     "does (excluded by default)"),
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -63,9 +69,18 @@ def evaluate(
         raise ActsparseError(f"--boot must be positive (got {boot})")
     targets = names(target)
     values = numbers(grid, "--grid") or DEFAULT_GRID
+    alloc = None
+    if allocation is not None:
+        from actsparse.analyze.allocate import read_allocation
+
+        alloc = read_allocation(allocation)
+        if grid:
+            raise ActsparseError("--allocation sets the grid (one value per allocation); drop --grid")
+        targets, rule = [alloc["target"]], alloc["rule"]
     configs = [EvalConfig(model=model, corpus=corpus, target=t, rule=rule, grid=values, power=power,
                           max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, compute_dtype=compute_dtype,
-                          text_field=text_field, trust_remote_code=trust_remote_code) for t in targets]
+                          text_field=text_field, trust_remote_code=trust_remote_code, include_special=include_special,
+                          allocation=alloc) for t in targets]
     if not configs:
         raise ActsparseError("--target is empty")
     for cfg in configs:  # every bad target, rule or value fails before the first model load
@@ -79,7 +94,7 @@ def evaluate(
         results.append(res)
     _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), CRITICAL_COLUMNS,
            "closed-loop critical sparsity (ratio >= 0.99; 95% bootstrap interval over windows)")
-    if run is not None:
+    if run is not None and alloc is None:  # the open-loop curves have no rows of an allocation to compare with
         try:
             rows = [proxy_check(store, run, eval_id=r.eval_id, tolerance=tolerance) for r in results]
         except ActsparseError as e:
