@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +141,11 @@ def run_batch(configs: Sequence[CollectConfig], store: str | Path, opts: RayOpti
         try:
             with ray_session(opts) as ray:
                 n = n_workers(ray, opts)
-                board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+                board_name = f"actsparse-progress-{uuid.uuid4().hex}"
+                board = ray.remote(num_cpus=0)(ProgressBoard).options(name=board_name).remote()
                 actor = ray.remote(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker,
                                    max_restarts=opts.max_restarts, max_task_retries=opts.max_restarts)(CollectWorker)
-                actors = [actor.remote(str(paths.root.resolve()), device, statistics, board) for _ in range(n)]
+                actors = [actor.remote(str(paths.root.resolve()), device, statistics, board_name) for _ in range(n)]
                 try:
                     runs = planned.result()
                     if runs:

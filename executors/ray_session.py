@@ -153,7 +153,10 @@ def ray_session(opts: RayOptions) -> Iterator[object]:
         return
     if not local and opts.address != "auto":
         check_reachable(opts.address, opts.connect_timeout_s)
-    kw: dict = dict(log_to_driver=False)
+    import logging
+
+    # the workers' output and Ray's own notices stay in its session logs: a command prints what it did
+    kw: dict = dict(log_to_driver=False, logging_level=logging.ERROR)
     if local:
         # "local": a new instance, whatever RAY_ADDRESS or a cluster started on this machine say
         kw.update(address="local", num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False,

@@ -2,7 +2,7 @@
 for the next run of the same model, and a board that gathers the workers' progress for the driver's view.
 
 These classes are plain Python; the driver turns them into actors (``ray.remote(...)(CollectWorker)``), so this
-module imports nothing of Ray.
+module imports Ray only where a worker looks up the board.
 """
 
 from __future__ import annotations
@@ -44,13 +44,19 @@ class CollectWorker:
         store: the store root, as every node mounts it.
         device: ``cpu`` or ``cuda`` (the driver decides one for every worker).
         statistics: the per-shard statistics collection writes (``actsparse.pipeline.collect.ShardStatistics``).
-        board: a :class:`ProgressBoard` actor to report tokens to (fire and forget), or None.
+        board: the name of a :class:`ProgressBoard` actor to report tokens to (fire and forget), or None. A name,
+            not a handle: Ray cannot restart an actor whose constructor took a handle once that is out of scope
+            (ray-project/ray#53727).
     """
 
-    def __init__(self, store: str, device: str, statistics: ShardStatistics | None, board=None):
+    def __init__(self, store: str, device: str, statistics: ShardStatistics | None, board: str | None = None):
         self.paths = fmt.StorePaths(Path(store))
         self.device = resolve_device(device)
-        self.statistics, self.board = statistics, board
+        self.statistics, self.board = statistics, None
+        if board is not None:
+            import ray
+
+            self.board = ray.get_actor(board)
         self.name = f"{platform.node()}:{os.getpid()}"
         self._key: tuple | None = None
         self._model = None
