@@ -32,6 +32,7 @@ from pathlib import Path
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import disk_error, exclusive_lock
+from actsparse.executors.jobs import JobReport, matrix_rows, matrix_title
 from actsparse.executors.ray_session import (
     RayOptions,
     check_reachable,
@@ -59,31 +60,6 @@ RATE_WINDOW_S = 10.0  # tokens per second are averaged over this many seconds
 
 
 @dataclass
-class JobReport:
-    """One job of a batch, as the live view and the summary show it.
-
-    ``status``: pending | running | done | skipped | failed (with ``reason``). ``workers``: ``host:pid`` of the
-    workers that wrote its shards; ``pieces``: ``(host:pid, shards)`` per piece, in completion order.
-    """
-
-    index: int
-    cfg: CollectConfig
-    status: str = "pending"
-    run_id: str | None = None
-    n_tokens: int = 0
-    tokens_done: int = 0
-    elapsed_s: float = 0.0
-    workers: set = field(default_factory=set)
-    pieces: list = field(default_factory=list)
-    running_on: set = field(default_factory=set)
-    reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{Path(self.cfg.model).name} × {Path(self.cfg.corpus).name}"
-
-
-@dataclass
 class _Run:
     job: JobReport
     plan: Plan
@@ -93,7 +69,7 @@ class _Run:
     missing: list[int]
     pieces: list[list[int]] = field(default_factory=list)
     state: str = "new"  # new | preparing | ready
-    running: int = 0
+    running: int = 0  # its prepare and piece tasks in flight: its lock is held until none is
     done: list[PieceDone] = field(default_factory=list)
     t0: float = 0.0
 
@@ -290,10 +266,10 @@ class _Scheduler:
                 r.t0 = r.t0 or time.perf_counter()
                 r.job.status = "running"
             elif kind == "piece":
-                r.running += 1
                 ref = actor.piece.remote(r.ref, r.pieces.pop(0), r.job.index)
             else:
                 ref = actor.warm.remote(r.ref)
+            r.running += kind != "warm"
             self.holds[actor] = r.key
             if kind != "warm":
                 r.job.running_on.add(self.names[actor])
@@ -304,6 +280,7 @@ class _Scheduler:
     def _collect(self, ref) -> None:
         actor, r, kind = self.inflight.pop(ref)
         r.job.running_on.discard(self.names[actor])
+        r.running -= kind != "warm"
         try:
             result = self.ray.get(ref, timeout=self.opts.call_timeout_s)
         except self.ray.exceptions.RayError as e:
@@ -314,13 +291,15 @@ class _Scheduler:
             if kind != "warm":
                 self._fail(r, reason(e))
             return
+        finally:
+            if r.job.status == "failed" and not r.running:
+                r.lock.close()  # the failed run's last task is back: nothing writes it any more
         self.idle.append(actor)
         if kind == "prepare":
             r.state = "ready"
             if not r.missing:  # every shard was written before: only the finish is left
                 self._finish(r)
         elif kind == "piece":
-            r.running -= 1
             r.done.append(result)
             r.job.workers.add(result.worker)
             r.job.pieces.append((result.worker, list(result.shards)))
@@ -353,7 +332,8 @@ class _Scheduler:
         r.job.status, r.job.reason = "failed", why
         r.job.elapsed_s = time.perf_counter() - r.t0 if r.t0 else 0.0
         r.pieces = []
-        r.lock.close()
+        if not r.running:
+            r.lock.close()
         self.log(f"[{r.job.index}] {r.job.label}: failed: {why}")
 
     def _give_up(self, why: str) -> None:
@@ -378,29 +358,3 @@ class _Scheduler:
                 rates[worker] = rates.get(worker, 0.0) + tokens / RATE_WINDOW_S
             jobs = [r.job for r in self.runs]
             self.view(matrix_rows(jobs, rates), matrix_title(jobs, rates, time.perf_counter() - self.t_batch))
-
-
-def matrix_rows(jobs: Sequence[JobReport], rates: dict[str, float]) -> list[dict]:
-    """The live view's rows: one per job, with its workers (and their tokens/s while it runs)."""
-    rows = []
-    for j in jobs:
-        shown = j.running_on if j.status == "running" else j.workers
-        rows.append({"#": j.index, "job": j.label, "status": j.status, "tokens": f"{j.tokens_done:,}/{j.n_tokens:,}",
-                     "workers": ", ".join(f"{w} {rates.get(w, 0):,.0f} tok/s" if j.status == "running" else w
-                                          for w in sorted(shown))})
-    return rows
-
-
-def matrix_title(jobs: Sequence[JobReport], rates: dict[str, float], elapsed_s: float) -> str:
-    """The live view's title: jobs per status and the cluster's tokens/s."""
-    n = {s: sum(j.status == s for j in jobs) for s in ("done", "running", "failed", "pending")}
-    return (f"jobs: {n['done']} done, {n['running']} running, {n['failed']} failed, {n['pending']} pending; "
-            f"{sum(rates.values()):,.0f} tok/s; {elapsed_s:,.0f} s")
-
-
-def summary_rows(jobs: Sequence[JobReport]) -> list[dict]:
-    """The summary table of a batch: one row per job."""
-    return [{"#": j.index, "job": j.label, "status": j.status, "run_id": j.run_id or "-", "tokens": j.n_tokens,
-             "seconds": round(j.elapsed_s, 1),
-             "tok/s": round(j.n_tokens / j.elapsed_s) if j.status == "done" and j.elapsed_s else None,
-             "workers": ", ".join(sorted(j.workers))} for j in jobs]

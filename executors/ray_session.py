@@ -1,7 +1,7 @@
 """Reaching Ray: options, the optional import, a fast reachability check, a session (a cluster or a local
 instance pinned to 127.0.0.1), the number of workers that fit, and the check that workers see the store.
 
-Traps of Ray 2.60 that this module guards against (docs/pitfalls.md P22):
+Traps of Ray 2.60 that this module guards against (docs/pitfalls.md P18):
 
 * ``ray.init(address=HOST:PORT)`` with nothing listening retries for about 14 minutes (shortening its RPC
   settings ends the process instead of raising), so a ``HOST:PORT`` is first checked with a plain TCP connect

@@ -95,7 +95,8 @@ def collect(
 def _on_ray(configs: list, store, opts, quiet: bool, statistics) -> None:
     """Collect ``configs`` on Ray: the live job matrix, then the summary table and the failures; exit 1 when
     a job failed."""
-    from actsparse.executors.ray_collect import run_batch, summary_rows
+    from actsparse.executors.jobs import summary_rows
+    from actsparse.executors.ray_collect import run_batch
 
     with live_table(not quiet) as view:
         reports = run_batch(configs, store, opts, statistics=statistics, view=view, log=say if not quiet else _silent)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from actsparse.analyze.token_stats import TOKEN_STATS
-from actsparse.executors.ray_collect import run_batch, split_shards, summary_rows
+from actsparse.executors.jobs import summary_rows
+from actsparse.executors.ray_collect import run_batch, split_shards
 from actsparse.executors.ray_session import RayOptions
 from actsparse.pipeline.jobs import load_jobs, run_jobs
 from tests.executors.crash import CrashOnce
