@@ -73,6 +73,7 @@ def main() -> None:
                       flush=True)
         identical = same_bytes(root / "local-0", root / "ray-0")
         runs = manifests(root / f"ray-{min(range(args.rounds), key=lambda i: walls['ray'][i])}")
+        local_runs = manifests(root / f"local-{min(range(args.rounds), key=lambda i: walls['local'][i])}")
     best = {k: min(v) for k, v in walls.items()}
     n_runs, tokens = len(runs), sum(m["n_tokens"] for m in runs)
     busy: dict[str, list[float]] = {}
@@ -85,6 +86,7 @@ def main() -> None:
     rate = sum(per_worker.values()) / len(per_worker)
     busiest = max(s for s, _ in busy.values())
     startup = best["ray"] - busiest
+    local_loop = sum(m["stats"]["loop_s"] for m in local_runs)
 
     print(f"\n{len(MODELS)} models x {len(CORPORA)} corpora ({', '.join(MODELS)} x {', '.join(CORPORA)}), "
           f"{args.tokens} tokens each, default sites; best of {args.rounds} interleaved rounds; "
@@ -96,9 +98,12 @@ def main() -> None:
     print(f"stores byte-identical (every checksum list): {identical}")
     for w, (s, n) in sorted(busy.items()):
         print(f"worker {w}: {n} tokens in {s:.1f} s of pieces = {n / s:.0f} tok/s (1 CPU)")
-    print(f"ray start-up and scheduling: {startup:.1f} s of {best['ray']:.1f} s (wall - busiest worker's {busiest:.1f} s)")
+    print(f"local: {local_loop:.1f} s in the collection loops ({tokens / local_loop:.0f} tok/s on 2 threads), "
+          f"{best['local'] - local_loop:.1f} s outside them (imports, plans, 4 model loads, weights)")
+    print(f"ray: {busiest:.1f} s in the busiest worker's pieces, {startup:.1f} s outside them (Ray and its workers "
+          f"starting, their imports, 2 model loads per worker at most, preparing runs, finishing)")
     shards = sum(-(-m["n_tokens"] // m["chunk_tokens"]) for m in runs)
-    print(f"N workers of one core each: wall = {startup:.1f} s + {tokens} tokens / (N x {rate:.0f} tok/s) while "
+    print(f"N workers of one core each: wall ~ {startup:.1f} s + {tokens} tokens / (N x {rate:.0f} tok/s) while "
           f"N <= {shards} (the batch's shards; runs are split by whole shards when N > {n_runs} runs)")
     for n in (1, 2, 4, shards):
         wall = startup + tokens / (n * rate)

@@ -144,6 +144,7 @@ def test_ray_options_are_refused_with_the_local_executor(tmp_path):
     assert r.returncode == 2 and "--device cuda on Ray needs --gpus-per-worker > 0" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_node_local_store_is_refused_before_any_work(ray_local, tmp_path):
     """A worker that does not see the driver's store (its node has its own disk at that path) is named."""
     from actsparse.executors.ray_session import check_shared_store, probe_seen, store_probe

@@ -19,6 +19,7 @@ def _dead_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_an_unreachable_address_is_one_line_in_milliseconds(tmp_path):
     port = _dead_port()
     t0 = time.perf_counter()
@@ -54,6 +55,7 @@ def test_the_device_of_the_workers():
     assert RayOptions(gpus_per_worker=1, device="cpu").worker_device == "cpu"
 
 
+@pytest.mark.slow
 def test_without_ray_the_executor_is_one_line_naming_the_extra(tmp_path, text_corpus):
     fake = tmp_path / "no-ray" / "ray"
     fake.mkdir(parents=True)
