@@ -20,10 +20,12 @@ Rows are ordered by layer, then token, so a filter on one layer reads few row gr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -232,18 +234,31 @@ def missing_parts(run_dir: Path, manifest: fmt.Manifest) -> dict[int, list[str]]
     return missing
 
 
+# (run_id, shard, sites) -> the paths written; an executor maps it over many parts at once
+Part = tuple[str, int, list[str]]
+
+
+class PartMap(Protocol):
+    """``map_parts(store, parts)``: :func:`index_part` of every part (wherever an executor runs them), the paths
+    each wrote in the order of ``parts``."""
+
+    def __call__(self, store: str, parts: list[Part]) -> list[list[str]]: ...
+
+
 def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
-                log: Callable[[str], None] = print) -> dict[str, int]:
+                log: Callable[[str], None] = print, map_parts: PartMap | None = None) -> dict[str, int]:
     """Compute the statistics parts that complete runs lack (runs collected before statistics existed).
 
     Idempotent: parts that exist are kept; each new part is written atomically, then the run's
     ``checksums.json`` is updated with the new files (``actsparse.core.checksums.update_checksums``). Holds the
-    run's writer lock, so it never races a collection or another ``index`` of the same run.
+    writer lock of every run it adds parts to, so it never races a collection or another ``index`` of the run.
 
     Args:
         store: a local store directory.
         run_refs: run ids or unique prefixes (default: every complete run).
         log: where one-line messages go.
+        map_parts: computes the parts elsewhere (an executor's tasks, ``PartMap``); None computes them here,
+            one after another. The parts written are the same either way.
 
     Returns:
         ``{run_id: number of parts written}``.
@@ -258,35 +273,49 @@ def index_store(store: str | Path, run_refs: Iterable[str] | None = None, *,
     if not st.is_local:
         raise ActsparseError(f"index writes into the store; {store} is not a local directory")
     runs = [st.run(r) for r in run_refs] if run_refs else st.runs()
-    done = {}
-    for run in runs:
-        run_dir = Path(st.root) / fmt.run_path(run.run_id)
-        written: list[Path] = []
-        try:
+    root = Path(st.root)
+    todo = {run.run_id: missing_parts(root / fmt.run_path(run.run_id), run.manifest) for run in runs}
+    parts = [(run_id, k, sites) for run_id, missing in todo.items() for k, sites in missing.items()]
+    written: dict[str, list[str]] = {run.run_id: [] for run in runs}
+    where = "the store"
+    try:
+        with contextlib.ExitStack() as locks:
             # a complete store (possibly read-only) is left untouched: no lock file is even created
-            if missing_parts(run_dir, run.manifest):
-                with exclusive_lock(run_dir / fmt.LOCK, f"run {run.run_id}"):
-                    written = _index_run(run, run_dir)
-                if written and not update_checksums(run_dir, written):
-                    log(f"run {run.run_id} has no checksums.json; `actsparse verify --add-checksums` adds one")
-        except OSError as e:
-            raise disk_error(e, f"writing token statistics of run {run.run_id}") from e
-        log(f"run {run.run_id}: {len(written)} token_stats part(s) written"
-            + ("" if written else " (all present)"))
-        done[run.run_id] = len(written)
-    return done
+            for run_id in (r for r, missing in todo.items() if missing):
+                where = f"run {run_id}"
+                locks.enter_context(exclusive_lock(root / fmt.run_path(run_id, fmt.LOCK), f"run {run_id}"))
+            if map_parts is not None:
+                done = map_parts(str(root), parts)
+            else:
+                done = [index_part(st.run(run_id), root / fmt.run_path(run_id), k, sites) for run_id, k, sites in parts]
+            for (run_id, _, _), paths in zip(parts, done):
+                written[run_id] += paths
+            for run_id, paths in written.items():
+                where = f"run {run_id}"
+                if paths and not update_checksums(root / fmt.run_path(run_id), paths):
+                    log(f"run {run_id} has no checksums.json; `actsparse verify --add-checksums` adds one")
+    except OSError as e:
+        raise disk_error(e, f"writing token statistics of {where}") from e
+    for run_id, paths in written.items():
+        log(f"run {run_id}: {len(paths)} token_stats part(s) written" + ("" if paths else " (all present)"))
+    return {run_id: len(paths) for run_id, paths in written.items()}
 
 
-def _index_run(run, run_dir: Path) -> list[Path]:
-    """Write the missing statistics parts of one run (under its writer lock); returns their paths."""
+def index_part(run, run_dir: Path, k: int, sites: list[str]) -> list[str]:
+    """Write the statistics parts of shard ``k`` of a run for ``sites``; returns their paths.
+
+    Args:
+        run: the run (``actsparse.pipeline.reader.Run``), complete.
+        run_dir: its directory in a local store; the caller holds its writer lock.
+        k: the shard; sites: the sites whose part of shard ``k`` is missing.
+    """
     import pyarrow.parquet as pq
 
     written = []
-    for k, sites in missing_parts(run_dir, run.manifest).items():
-        start, stop = fmt.shard_tokens(k, run.chunk_tokens, run.n_tokens)
-        rows = pq.read_table(run_dir / fmt.token_part(k))
-        for site in sites:  # one site at a time: one shard of one site in memory
-            tables = shard_stats(run.manifest, k, {site: run.array(site)[:, start:stop]},
-                                 {c: rows.column(c) for c in rows.column_names})
-            written += write_shard_stats(run_dir, k, tables)
+    start, stop = fmt.shard_tokens(k, run.chunk_tokens, run.n_tokens)
+    rows = pq.read_table(run_dir / fmt.token_part(k))
+    for site in sites:  # one site at a time: one shard of one site in memory
+        tables = shard_stats(run.manifest, k, {site: run.array(site)[:, start:stop]},
+                             {c: rows.column(c) for c in rows.column_names})
+        written += [str(p) for p in write_shard_stats(run_dir, k, tables)]
     return written

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -180,3 +180,28 @@ def progress_bars(enabled: bool = True) -> Iterator[ProgressFactory | None]:
     finally:
         if bars.tasks:
             bars.stop()
+
+
+@contextlib.contextmanager
+def live_table(enabled: bool = True) -> Iterator[Callable[[list[dict], str], None] | None]:
+    """A table redrawn in place on the terminal (rich ``Live``), as ``show(rows, title)``: a batch's job matrix.
+
+    None when disabled or when stdout is not a terminal (piped output gets the summary only). Messages printed
+    with :func:`say` meanwhile appear above the table.
+    """
+    if not (enabled and out.is_terminal):
+        yield None
+        return
+    from rich.live import Live
+
+    with Live(Table(), console=out, refresh_per_second=2, transient=True) as live:
+
+        def show(rows: list[dict], title: str) -> None:
+            t = Table(title=title)
+            for c in (rows[0] if rows else {}):
+                t.add_column(c)
+            for row in rows:
+                t.add_row(*(_cell(v) for v in row.values()))
+            live.update(t)
+
+        yield show

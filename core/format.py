@@ -65,6 +65,7 @@ CHECKSUMS_LOCK = ".checksums.lock"
 CATALOGUE_LOCK = ".catalogue.lock"
 LOCKS = frozenset({LOCK, CHECKSUMS_LOCK, CATALOGUE_LOCK})
 STAGING_PREFIXES = (".incoming-", ".unpack-")  # temporary directories of merge and unpack at a store's root
+PROBE_PREFIX = ".visible-"  # a file at a store's root for a moment: do a cluster's workers see the store?
 DERIVED_DIRS = (f"{ANALYSIS}/", f"{TOKEN_STATS}/")  # run files added after collection, recorded as written
 UNLISTED = frozenset({CHECKSUMS, MANIFEST})  # files of a run or weights dir that checksums.json never lists
 
@@ -72,6 +73,18 @@ UNLISTED = frozenset({CHECKSUMS, MANIFEST})  # files of a run or weights dir tha
 
 ID_RE = re.compile(r"^[0-9a-f]{16}$")  # run, weights, analysis and evaluation ids
 RUN_ID_RE = WEIGHTS_ID_RE = ID_RE
+
+
+def visibility_probe(token: str) -> str:
+    """Store-relative name of the probe file holding ``token`` (32 hex digits), written by ``--executor ray`` to
+    check that every worker sees the store.
+
+    Raises:
+        ActsparseError: ``token`` is not 32 hex digits.
+    """
+    if not re.fullmatch(r"[0-9a-f]{32}", str(token)):
+        raise ActsparseError(f"invalid probe token {token!r}")
+    return PROBE_PREFIX + token
 
 
 def canonical_json(obj: Any) -> str:

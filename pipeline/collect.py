@@ -36,14 +36,14 @@ from typing import Protocol
 import numpy as np
 
 from actsparse.core import format as fmt
-from actsparse.core.checksums import write_checksums
-from actsparse.core.codec import encode
+from actsparse.core.checksums import parse_checksums, write_checksums
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_error, exclusive_lock
 from actsparse.core.progress import ProgressFactory
 from actsparse.core.vocab import SITES
 from actsparse.pipeline.arrays import create_arrays, shard_writes, single_threaded_blosc
 from actsparse.pipeline.corpora import Corpus, open_corpus
+from actsparse.pipeline.device import AUTO, ShardCopier, declared_dtype, forward_dtype, resolve_device, to_device
 from actsparse.pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from actsparse.pipeline.recorder import SiteRecorder
 from actsparse.pipeline.sites import FFNArchitecture, resolve_ffn
@@ -54,6 +54,7 @@ from actsparse.pipeline.writer import ShardJob, ShardPool, Writer
 
 DEFAULT_SITES = ("input", "gate", "intermediate")
 SPLITS = ("collect", "heldout")
+COMPUTE_DTYPES = (AUTO, *fmt.STORED_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class CollectConfig:
         seq_len: window length in tokens, BOS included.
         batch_size: windows per forward pass (fixed: batch composition changes float results).
         dtype: stored dtype, ``bfloat16`` | ``float16`` | ``float32``.
-        compute_dtype: model dtype for the forward pass.
+        compute_dtype: model dtype for the forward pass, or ``auto`` (float32 on the CPU, the model's half
+            dtype on CUDA: ``actsparse.pipeline.device.forward_dtype``); :func:`plan` resolves it.
         chunk_tokens: tokens per chunk/shard along the token axis.
         split: corpus split, ``collect`` (default) or ``heldout``.
         text_field: jsonl field or parquet column holding the text.
@@ -83,7 +85,7 @@ class CollectConfig:
     seq_len: int = 256
     batch_size: int = 8
     dtype: str = "bfloat16"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
     chunk_tokens: int = 1024
     split: str = "collect"
     text_field: str | None = None
@@ -99,9 +101,9 @@ class CollectConfig:
             raise ActsparseError(f"site listed twice in {', '.join(self.sites)}")
         if self.dtype not in fmt.STORED_DTYPES:
             raise ActsparseError(f"unknown --dtype '{self.dtype}' (choose {', '.join(fmt.STORED_DTYPES)})")
-        if self.compute_dtype not in fmt.STORED_DTYPES:
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise ActsparseError(f"unknown --compute-dtype '{self.compute_dtype}' "
-                                 f"(choose {', '.join(fmt.STORED_DTYPES)})")
+                                 f"(choose {', '.join(COMPUTE_DTYPES)})")
         if self.seq_len < 2:
             raise ActsparseError(f"--seq-len must be at least 2 (BOS and one token; got {self.seq_len})")
         for name, limit in (("batch_size", 1 << 16), ("chunk_tokens", fmt.MAX_CHUNK_TOKENS)):
@@ -154,14 +156,19 @@ class Plan:
     windows: list[Window]
     run_id: str
     identity: dict
+    device: str = "cpu"
 
     @property
     def n_tokens(self) -> int:
         return sum(len(w.token_ids) for w in self.windows)
 
 
-def plan(cfg: CollectConfig) -> Plan:
+def plan(cfg: CollectConfig, *, device: str = "cpu") -> Plan:
     """Resolve model, tokenizer and corpus, cut the windows and compute the run id, without loading weights.
+
+    ``device`` (``cpu`` or ``cuda``, see ``actsparse.pipeline.device.resolve_device``) resolves an ``auto``
+    compute dtype, and a device other than the CPU is part of the run's identity (its kernels give other
+    bytes); the plan's ``cfg`` is the resolved config.
 
     Raises:
         ActsparseError: a bad config, model or corpus, or a corpus split without tokens.
@@ -169,6 +176,7 @@ def plan(cfg: CollectConfig) -> Plan:
     cfg.validate()
     resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tok, mcfg = load_tokenizer(resolved, seq_len=cfg.seq_len)
+    cfg = dataclasses.replace(cfg, compute_dtype=forward_dtype(cfg.compute_dtype, device, declared_dtype(mcfg)))
     corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
     windows = list(iter_windows(corpus.split(cfg.split), tok, cfg.seq_len, max_tokens=cfg.max_tokens,
                                 add_bos=cfg.add_bos))
@@ -181,12 +189,13 @@ def plan(cfg: CollectConfig) -> Plan:
         format_version=fmt.FORMAT_VERSION, config=dataclasses.asdict(cfg) | dict(model=None, corpus=None),
         weights_sha256=resolved.weights_sha256, model_type=mcfg.model_type, corpus_sha256=corpus.sha256,
         torch=torch.__version__, transformers=transformers.__version__,
-    )
-    return Plan(cfg, resolved, tok, corpus, windows, fmt.content_hash(identity), identity)
+    ) | (dict(device=device) if device != "cpu" else {})
+    return Plan(cfg, resolved, tok, corpus, windows, fmt.content_hash(identity), identity, device)
 
 
 def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistics | None = None,
-            progress: ProgressFactory | None = None, log: Callable[[str], None] = print) -> CollectResult:
+            progress: ProgressFactory | None = None, log: Callable[[str], None] = print,
+            device: str = "cpu") -> CollectResult:
     """Collect one run (model x corpus x sites) into ``store``; resume it if it was interrupted.
 
     Args:
@@ -195,6 +204,7 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
         statistics: per-shard work between forward passes (:class:`ShardStatistics`); None writes none.
         progress: progress display for the tokens collected.
         log: where one-line messages go.
+        device: ``cpu``, ``cuda`` or ``auto`` (``actsparse.pipeline.device.resolve_device``).
 
     Returns:
         CollectResult; ``status`` is ``already-complete`` (a no-op) when the run exists and is complete.
@@ -203,7 +213,7 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
         ActsparseError: bad config, model, corpus or store; another writer holds this run; disk errors.
     """
     t_start = time.perf_counter()
-    p = plan(cfg)  # bad input fails before the store exists
+    p = plan(cfg, device=resolve_device(device))  # bad input fails before the store exists
     paths = create_store(store)
     run_dir = paths.run_dir(p.run_id)
     try:
@@ -263,7 +273,8 @@ def completed_shards(run_dir: Path, n: int) -> set[int]:
 @dataclass
 class PreparedRun:
     """A run ready for :func:`collect_shards`: its plan, store paths, loaded model, resolved FFN, manifest
-    (as written, ``incomplete``) and open arrays."""
+    (as written, ``incomplete``) and open arrays. A run opened only to be finished (:func:`opened_for_finish`)
+    has no model, FFN or arrays."""
 
     plan: Plan
     paths: fmt.StorePaths
@@ -274,10 +285,11 @@ class PreparedRun:
     arrays: dict = field(repr=False, default_factory=dict)
 
 
-def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None) -> PreparedRun:
+def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, model=None) -> PreparedRun:
     """Load the model, store its FFN weights, create the arrays and write the manifest and documents.
 
-    The caller holds the run's writer lock. ``created`` keeps the creation time of a run being resumed.
+    The caller holds the run's writer lock. ``created`` keeps the creation time of a run being resumed;
+    ``model`` is the plan's model already loaded on its device (a cluster worker keeps one between runs).
 
     Raises:
         ActsparseError: the model cannot be loaded or resolved, or lacks a site the config asks for.
@@ -285,7 +297,8 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None) -
     import pyarrow as pa
 
     cfg = p.cfg
-    model = load_model(p.resolved, cfg.compute_dtype)
+    if model is None:
+        model = to_device(load_model(p.resolved, cfg.compute_dtype), p.device)
     arch = resolve_ffn(model)
     unsupported = [s for s in cfg.sites if s not in arch.sites]
     if unsupported:
@@ -318,6 +331,35 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None) -
         split=[d.split for d in docs], n_chars=pa.array([len(d.text) for d in docs], pa.int64())),
         schema=fmt.arrow_schema(fmt.DOCUMENTS_COLUMNS)))
     return PreparedRun(p, paths, run_dir, model, arch, manifest, arrays)
+
+
+def ensure_prepared(p: Plan, paths: fmt.StorePaths, *, model=None) -> PreparedRun:
+    """:func:`prepare_run` for a process that writes shards of a run whose writer lock another process holds
+    (a cluster worker; its driver holds the lock): idempotent, it keeps the creation time, the weights and the
+    arrays, and rewrites the manifest and documents with the same content. The driver has it run once before
+    any shard is written, so that no two workers create the arrays at once.
+
+    Raises:
+        ActsparseError: as :func:`prepare_run`, or the run is already complete.
+    """
+    existing = _read_manifest(paths.run_dir(p.run_id))
+    if existing is not None and existing.complete:
+        raise ActsparseError(f"run {p.run_id} is already complete; refusing to reopen it")
+    return prepare_run(p, paths, created=existing.created if existing is not None else None, model=model)
+
+
+def opened_for_finish(p: Plan, paths: fmt.StorePaths) -> PreparedRun:
+    """A run prepared by another process, opened without its model for :func:`finish_run` (a cluster driver
+    finishes the runs its workers wrote).
+
+    Raises:
+        ActsparseError: the run has no manifest (it was never prepared), or an invalid one.
+    """
+    run_dir = paths.run_dir(p.run_id)
+    manifest = _read_manifest(run_dir)
+    if manifest is None:
+        raise ActsparseError(f"run {p.run_id} was never prepared (no {fmt.MANIFEST}); run left incomplete")
+    return PreparedRun(p, paths, run_dir, None, None, manifest)
 
 
 def _now() -> str:
@@ -390,6 +432,7 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
     pool = ShardPool({s: (n_layers, T, run.manifest.arrays[s].width) for s in cfg.sites},
                      fmt.numpy_dtype(cfg.dtype), size=-(-max_batch // T) + 1)
     writer = Writer(run.run_dir, shard_writes(run.arrays, run.run_dir / fmt.ACTIVATIONS, T), pool)
+    copier = ShardCopier(cfg.dtype, staged=p.device != "cpu")
     writer.start()
     filling: dict[int, dict[str, np.ndarray]] = {}  # shard -> its buffers {site: [layers, T, width]}
     rows: dict[int, dict[str, list]] = {}  # shard -> its token rows so far
@@ -398,12 +441,11 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
 
     def sink(site: str, layer: int, t) -> None:
         # [batch, seq, w] (or OPT's flattened [batch * seq, w]) -> the valid rows, converted and copied
-        # into their shards' buffers in one pass
+        # into their shards' buffers in one pass (on CUDA: staged off the device, see ShardCopier)
         flat = t.reshape(-1, t.shape[-1])
         if keep_rows is not None:
             flat = flat.index_select(0, keep_rows)
-        for bufs, src, dst, n in segments:
-            encode(flat[src:src + n], cfg.dtype, where=f"site {site} layer {layer}", out=bufs[site][layer, dst:dst + n])
+        copier(site, layer, flat, segments)
 
     def ship(upto: int) -> None:
         """Hand every filled shard whose tokens all lie before ``upto`` to the writer, in order."""
@@ -454,8 +496,9 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
                 ids, attn = pad_batch(batch, pad_id)
                 # attention-mask positions, never `ids != pad_id` (docs/pitfalls.md P3)
                 valid = attn.reshape(-1).bool()
-                keep_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-                _forward_batch(run.model, ids, attn)
+                keep_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1).to(p.device)
+                _forward_batch(run.model, ids.to(p.device), attn.to(p.device))
+                copier.flush()
                 rec.check_fired(1)
                 timings.forward_s += time.perf_counter() - t0
                 _add_token_rows(rows, batch, lo, T, shards, tok)
@@ -533,11 +576,14 @@ def finish_run(run: PreparedRun, stats: dict) -> fmt.Manifest:
                              f"(first: {missing[0]}); run left incomplete")
     write_checksums(run.run_dir)
     manifest = dataclasses.replace(run.manifest, status="complete", completed=_now(),
-                                   stats=stats | dict(bytes_on_disk=_du(run.run_dir)))
+                                   stats=stats | dict(bytes_on_disk=_listed_bytes(run.run_dir)))
     atomic_write_json(run.run_dir / fmt.MANIFEST, manifest.to_dict())
     write_catalogue(run.paths)
     return manifest
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _listed_bytes(run_dir: Path) -> int:
+    """Bytes of the files the run's ``checksums.json`` lists: its data, the same wherever and by whom it was
+    written (the lock file, which holds the writer's pid, is not listed)."""
+    listed = parse_checksums((run_dir / fmt.CHECKSUMS).read_bytes(), f"run {run_dir.name}")
+    return sum(size for _, size in listed.values())

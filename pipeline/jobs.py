@@ -88,28 +88,38 @@ def load_jobs(path: Path) -> tuple[str | None, list[CollectConfig]]:
     return doc.get("store"), configs
 
 
+def jobs_store(path: Path, file_store, store: str | Path | None) -> str | Path:
+    """Where the jobs of ``path`` go: ``store`` (``--store``) if given, else the file's ``store`` (a path
+    relative to the file's directory unless absolute).
+
+    Raises:
+        ActsparseError: the file's store is not a string, or neither names a store.
+    """
+    if file_store is not None and not isinstance(file_store, str):
+        raise ActsparseError(f"jobs file {path}: store must be a string, got {file_store!r}")
+    if store is not None:
+        return store
+    if file_store is None:
+        raise ActsparseError(f"jobs file {path} names no store; pass --store")
+    return str(Path(path).parent / file_store) if not Path(file_store).is_absolute() else file_store
+
+
 def run_jobs(path: Path, *, store: Path | None = None, statistics: ShardStatistics | None = None,
-             progress: ProgressFactory | None = None,
-             log: Callable[[str], None] = print) -> list[tuple[CollectConfig, str]]:
-    """Run every job of a jobs file in order (``collect`` with ``statistics`` and ``progress``); return the
-    failed ones as ``(config, one-line reason)``.
+             progress: ProgressFactory | None = None, log: Callable[[str], None] = print,
+             device: str = "cpu") -> list[tuple[CollectConfig, str]]:
+    """Run every job of a jobs file in order (``collect`` with ``statistics``, ``progress`` and ``device``);
+    return the failed ones as ``(config, one-line reason)``.
 
     Raises:
         ActsparseError: the jobs file is invalid or names no store (before any job runs).
     """
     file_store, configs = load_jobs(path)
-    if file_store is not None and not isinstance(file_store, str):
-        raise ActsparseError(f"jobs file {path}: store must be a string, got {file_store!r}")
-    target = store or file_store
-    if target is None:
-        raise ActsparseError(f"jobs file {path} names no store; pass --store")
-    if file_store is not None and store is None:
-        target = str(Path(path).parent / file_store) if not Path(file_store).is_absolute() else file_store
+    target = jobs_store(path, file_store, store)
     failed = []
     for i, cfg in enumerate(configs, 1):
         log(f"[{i}/{len(configs)}] {cfg.model} x {cfg.corpus} ({','.join(cfg.sites)})")
         try:
-            collect(cfg, target, statistics=statistics, progress=progress, log=log)
+            collect(cfg, target, statistics=statistics, progress=progress, log=log, device=device)
         except ActsparseError as e:
             log(f"  failed: {e}")
             failed.append((cfg, str(e)))

@@ -34,7 +34,7 @@ def write_weights(paths: fmt.StorePaths, wid: str, arch: FFNArchitecture) -> Non
                 arr = group.create_array(name, shape=(len(arch.layers), *w.shape), dtype="float32",
                                          chunks=(1, *w.shape), compressors=compressor(4))
                 for layer in range(len(arch.layers)):
-                    arr[layer] = ffn_weights(arch, layer)[name].float().numpy()
+                    arr[layer] = ffn_weights(arch, layer)[name].float().cpu().numpy()
             group.attrs.update(dict(activation=arch.activation, pattern=arch.pattern, d_model=arch.d_model,
                                     d_ff=arch.d_ff, layout=LAYOUT))
         write_checksums(target.parent)

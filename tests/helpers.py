@@ -112,3 +112,38 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         return io.BytesIO(body)
+
+
+MANIFEST_VOLATILE = ("created", "completed", "stats")  # times, timings and hosts: not content
+CATALOGUE_VOLATILE = ("created", "completed")
+
+
+def store_diff(a: Path, b: Path) -> list[str]:
+    """The differences between stores ``a`` and ``b`` (empty: identical), file by file.
+
+    Every file must be byte-identical except lock files (their content is a pid), each run's ``manifest.json``
+    (compared without times and ``stats``) and ``catalogue.parquet`` (compared row by row without times).
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    def files(root: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in root.rglob("*")
+                if p.is_file() and not p.name.endswith(".lock")}
+
+    fa, fb = files(a), files(b)
+    out = [f"only in {a}: {p}" for p in sorted(fa - fb)] + [f"only in {b}: {p}" for p in sorted(fb - fa)]
+    for rel in sorted(fa & fb):
+        if rel.endswith("manifest.json"):
+            ma, mb = ({k: v for k, v in json.loads((root / rel).read_text()).items() if k not in MANIFEST_VOLATILE}
+                      for root in (a, b))
+            if ma != mb:
+                out.append(f"{rel}: differs in {sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))}")
+        elif rel == "catalogue.parquet":
+            ra, rb = (pq.read_table(root / rel).drop_columns(list(CATALOGUE_VOLATILE)).to_pylist() for root in (a, b))
+            if ra != rb:
+                out.append(f"{rel}: rows differ: {ra} != {rb}")
+        elif (a / rel).read_bytes() != (b / rel).read_bytes():
+            out.append(f"{rel}: bytes differ")
+    return out

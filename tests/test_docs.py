@@ -6,7 +6,7 @@ import re
 
 from tests.helpers import ROOT
 
-CODE = [p for d in ("api", "core", "pipeline", "analyze", "queries", "share", "cli", "bench", "tests")
+CODE = [p for d in ("api", "core", "pipeline", "analyze", "queries", "share", "executors", "cli", "bench", "tests")
         for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".sql") and p.name != "test_docs.py"]
 CODE += [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md")]
 

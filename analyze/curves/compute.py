@@ -1,5 +1,9 @@
 """The open-loop sweep of one run: plan the blocks, stream them through the targets on worker threads,
-finish with the model-level rows and cache the result (and its critical sparsity) in the store."""
+finish with the model-level rows and cache the result (and its critical sparsity) in the store.
+
+Layers are independent until the model-level rows: :func:`layer_rows` computes the rows of one layer (a task of
+an executor, ``compute_curves(..., map_layers=...)``), and the assembly orders them as one process does, so a
+result computed in tasks is the one computed here."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -45,6 +50,17 @@ def _ordered_map(fn, items: Sequence, workers: int):
             yield f.result()
 
 
+Rows = dict[tuple[int, str, str], list[dict]]  # (layer, target, rule) -> one row per grid value
+
+
+class LayerMap(Protocol):
+    """``map_layers(store, run_id, cfg, layers, layer_done)``: :func:`layer_rows` of every layer of ``layers``,
+    merged (computed wherever an executor runs them); ``layer_done()`` is called as each layer finishes."""
+
+    def __call__(self, store: str, run_id: str, cfg: CurveConfig, layers: list[int],
+                 layer_done: Callable[[], None] | None) -> Rows: ...
+
+
 class _one_torch_thread:
     """Run torch single-threaded per worker while the workers themselves use the cores."""
 
@@ -60,7 +76,7 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
                    rules: Sequence[str] = ("top-p",), grids: dict | None = None, power: float = 1.0,
                    include_special: bool = False, with_error: bool = True, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                    layers: Sequence[int] | None = None, use_cache: bool = True,
-                   progress: Callable[[int], None] | None = None):
+                   progress: Callable[[int], None] | None = None, map_layers: LayerMap | None = None):
     """Open-loop sparsity curves of one run, as a polars DataFrame (cached in the store as Parquet).
 
     Args:
@@ -82,6 +98,8 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         layers: restrict to these layers (default all); not cached when given.
         use_cache: reuse/write the run's ``curves`` result (``actsparse.core.format.CURVES``).
         progress: ``advance(n)`` called with the tokens of each finished block of a layer.
+        map_layers: computes the per-layer rows elsewhere (an executor's tasks, ``LayerMap``); None computes
+            them here. The result is the same either way.
 
     Returns:
         One row per (target, rule, value, layer) plus model-level rows with ``layer = -1``
@@ -111,7 +129,7 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         # keeps every window, so the two are separate analyses (each cached on its own)
         parts = [compute_curves(st, run.run_id, targets=cfg.targets, rules=rs, grids=cfg.grids, power=cfg.power,
                                 include_special=include_special, with_error=with_error, block_tokens=block_tokens,
-                                layers=layers, use_cache=use_cache, progress=progress)
+                                layers=layers, use_cache=use_cache, progress=progress, map_layers=map_layers)
                  for rs in ([r for r in cfg.rules if r not in CALIBRATED_RULES], calibrated)]
         return pl.concat(parts, how="diagonal_relaxed").sort(
             ["target", "rule", "layer", "value"], descending=[False, False, False, True])
@@ -122,12 +140,42 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         if df is not None:
             return df
     plan = _plan(run, cfg, layers)
-    _sweep(run, cfg, plan, progress)
-    df = _finish(run, cfg, plan, analysis_id)
+    if map_layers is None:
+        _sweep(run, cfg, plan, progress)
+        rows = _rows(run.run_id, cfg, plan.accs)
+    else:
+        rows = map_layers(st.root, run.run_id, cfg, plan.layer_ids,
+                          None if progress is None else lambda: progress(run.n_tokens))
+    df = _finish([row for key in plan.accs for row in rows[key]], analysis_id)
     if cached:
         _save(st, run, fmt.result_file(fmt.CURVES, analysis_id), df)
         _save_critical(st, run, df)
     return df
+
+
+def layer_rows(store, run_id: str, cfg: CurveConfig, layer: int) -> Rows:
+    """The per-layer rows of one layer of a curves result (what :func:`compute_curves` assembles).
+
+    Args:
+        store: store path/URL or an open ``actsparse.pipeline.reader.StoreReader``.
+        run_id: the run (its full id).
+        cfg: the validated analysis (``CurveConfig``), checked against the run by ``compute_curves``.
+        layer: the layer.
+
+    Returns:
+        ``{(layer, target, rule): rows}``: one row per grid value, the columns of ``CURVES`` before labelling
+        (``all-inputs/h`` rows are the all-inputs target's second hook, folded into the model level).
+
+    Raises:
+        ActsparseError: as :func:`compute_curves` (NaN/Inf in the data, a missing site).
+    """
+    from actsparse.pipeline.reader import StoreReader
+
+    st = store if isinstance(store, StoreReader) else StoreReader(str(store))
+    run = st.run(run_id)
+    plan = _plan(run, cfg, [layer])
+    _sweep(run, cfg, plan, None)
+    return _rows(run.run_id, cfg, plan.accs)
 
 
 @dataclass
@@ -212,15 +260,18 @@ class _LayerWeights:
             return self.cache[layer]
 
 
-def _finish(run, cfg: CurveConfig, plan: _Plan, analysis_id: str):
-    """The result rows: per layer from the accumulators, model level (layer -1), labelled and sorted."""
+def _rows(run_id: str, cfg: CurveConfig, accs: dict) -> Rows:
+    """The per-layer rows of the accumulators, by ``(layer, target, rule)``."""
+    return {(layer, target, rule): [dict(run_id=run_id, target=target, rule=rule, value=float(value), layer=layer,
+                                         width=acc.width, **r) for value, r in zip(cfg.grid(rule), acc.rows())]
+            for (layer, target, rule), acc in accs.items()}
+
+
+def _finish(rows: list[dict], analysis_id: str):
+    """The result: the per-layer ``rows`` (in the plan's order, which fixes the order of the model-level sums),
+    the model level (layer -1), labelled and sorted."""
     import polars as pl
 
-    rows = []
-    for (layer, target, rule), acc in plan.accs.items():
-        for value, r in zip(cfg.grid(rule), acc.rows()):
-            rows.append(dict(run_id=run.run_id, target=target, rule=rule, value=float(value), layer=layer,
-                             width=acc.width, **r))
     df = pl.DataFrame(rows)
     df = pl.concat([df.filter(pl.col("target") != "all-inputs/h"), _model_level(df)], how="diagonal_relaxed")
     return df.with_columns(analysis_id=pl.lit(analysis_id), label=pl.lit("open-loop")).sort(

@@ -6,7 +6,15 @@ import math
 
 import typer
 
-from actsparse.cli.options import QuietOption, RunOption
+from actsparse.cli.options import (
+    AddressOption,
+    ExecutorOption,
+    QuietOption,
+    RunOption,
+    WorkersOption,
+    executor_maps,
+    ray_options,
+)
 from actsparse.cli.output import FormatOption, check_format, emit, progress_bars, say
 from actsparse.core.errors import ActsparseError
 from actsparse.core.parsing import names, numbers
@@ -26,12 +34,16 @@ def curves(
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute even if the result is in the store"),
     all_rows: bool = typer.Option(False, "--all", help="print every grid value, not a subset"),
     format: FormatOption = "table",
+    executor: ExecutorOption = "local",
+    address: AddressOption = None,
+    workers: WorkersOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Open-loop sparsity curves, simulated error and critical sparsity from the stored activations.
 
     ``--format table`` prints the model-level curve of each target and rule and its critical sparsity;
     ``csv`` and ``json`` print every row of the result (every layer, and layer -1 for the model level).
+    ``--executor ray`` computes the layers in Ray tasks (the same result).
     """
     import polars as pl
 
@@ -45,6 +57,7 @@ def curves(
     from actsparse.core.progress import lazy_task
 
     check_format(format)
+    opts = ray_options(executor, address, workers)
     targets, rules = names(target), names(rule)
     g = numbers(grid, "--grid")
     CurveConfig(targets=targets, rules=rules).validate()  # an unknown name first, whatever else is wrong
@@ -56,11 +69,12 @@ def curves(
 
     st = StoreReader(store)
     chosen = st.run(run)
-    with progress_bars(not quiet and format == "table") as progress:
+    with executor_maps(opts) as maps, progress_bars(not quiet and format == "table") as progress:
         step = lazy_task(progress, f"open-loop curves of run {chosen.run_id} (tokens x layers)",
                          chosen.n_tokens * chosen.n_layers)
         df = compute_curves(st, chosen.run_id, targets=targets, rules=rules, grids={rules[0]: g} if g else None,
-                            power=power, include_special=include_special, use_cache=not no_cache, progress=step)
+                            power=power, include_special=include_special, use_cache=not no_cache, progress=step,
+                            map_layers=maps.layers if maps is not None else None)
     if format != "table":
         emit(df, format)
         return

@@ -108,7 +108,7 @@ def test_every_defined_name_and_column_is_documented():
     for site in SITES:
         assert f"`{site}`" in DOC, site
     for directory in (fmt.RUNS, fmt.MODELS, fmt.EVALUATIONS, fmt.ACTIVATIONS, fmt.WEIGHTS, fmt.TOKENS,
-                      fmt.TOKEN_STATS, fmt.ANALYSIS, *fmt.STAGING_PREFIXES):
+                      fmt.TOKEN_STATS, fmt.ANALYSIS, *fmt.STAGING_PREFIXES, fmt.PROBE_PREFIX):
         assert directory in DOC, directory
     tables = [fmt.CATALOGUE_COLUMNS, fmt.DOCUMENTS_COLUMNS, fmt.TOKENS_COLUMNS, fmt.TOKEN_STATS_COLUMNS,
               fmt.LAYERS_COLUMNS, fmt.EVALUATION_VALUE_COLUMNS, *(k.columns for k in fmt.RESULT_KINDS.values())]
