@@ -1,9 +1,10 @@
 """The activation arrays of a run: creating them (zarr v3, sharded) and writing whole shards into them.
 
 One array per site, ``[layers, tokens, width]``, chunks ``(1, T, width)`` and shards ``(layers, T, width)``
-(``actsparse.core.format.ArraySpec``); the mixture-of-experts arrays (``routed/gate``, …) the same with the
-dimensions after the token axis whole in every chunk. Shards are written whole, by one writer each (docs/pitfalls.md P7),
-through ``actsparse.pipeline.shards.ShardWriter`` where the array has the layout it reproduces.
+(``actsparse.core.format.ArraySpec``); the mixture-of-experts arrays (``routed/gate``, …) the same, with
+the dimensions after the token axis whole in every chunk. Shards are written whole, by one writer each
+(docs/pitfalls.md P7), through ``actsparse.pipeline.shards.ShardWriter`` where the array has the layout it
+reproduces.
 """
 
 from __future__ import annotations

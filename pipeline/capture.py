@@ -96,7 +96,8 @@ class MoECapture:
         """Every site exists in a MoE model (its experts, shared expert and dense layers are GLUs)."""
         unknown = [s for s in sites if s not in SITES]
         if unknown:
-            raise ActsparseError(f"unknown site(s) {', '.join(unknown)} for {model_name}; choose from {', '.join(SITES)}")
+            raise ActsparseError(f"unknown site(s) {', '.join(unknown)} for {model_name}; "
+                                 f"choose from {', '.join(SITES)}")
 
     def weights_id(self, weights_sha256: str, compute_dtype: str) -> str:
         from actsparse.pipeline.moe_weights import moe_weights_id

@@ -406,7 +406,8 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
         if keep_rows is not None:
             flat = flat.index_select(0, keep_rows)
         for bufs, src, dst, n in segments:
-            encode(flat[src:src + n], logical[key], where=f"site {name} layer {layer}", out=bufs[key][index, dst:dst + n])
+            encode(flat[src:src + n], logical[key], where=f"site {name} layer {layer}",
+                   out=bufs[key][index, dst:dst + n])
 
     def ship(upto: int) -> None:
         """Hand every filled shard whose tokens all lie before ``upto`` to the writer, in order."""

@@ -36,6 +36,7 @@ from actsparse.pipeline.experts import Handler, check_top_k, experts_override, r
 from actsparse.pipeline.moe import DenseLayer, MoEArchitecture, MoELayer
 
 Sink = Callable[[str, int, torch.Tensor], None]
+_SHARED_WEIGHT = fmt.moe_array(fmt.SHARED, fmt.ROUTING_WEIGHT)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,8 @@ class MoERecorder:
         sites = tuple(dict.fromkeys(sites))
         unknown = [s for s in sites if s not in SITES]
         if not sites or unknown:
-            raise ActsparseError(f"unknown or no capture sites {unknown or list(sites)}; choose from {', '.join(SITES)}")
+            raise ActsparseError(f"unknown or no capture sites {unknown or list(sites)}; "
+                                 f"choose from {', '.join(SITES)}")
         self.arch, self.sites, self._sink = arch, sites, sink
         self._expert_sites = tuple(s for s in fmt.EXPERT_SITES if s in sites)
         self._stack: contextlib.ExitStack | None = None
@@ -137,9 +139,9 @@ class MoERecorder:
                     lambda m, args, out, i=la.index: self._emit("output", i, _flat(out))))
             if la.shared is not None:
                 handles += self._glu_hooks(la.shared, la.index, fmt.SHARED)
-                weight = fmt.moe_array(fmt.SHARED, fmt.ROUTING_WEIGHT)
                 handles.append(la.shared_gate.register_forward_hook(
-                    lambda m, args, out, i=la.index: self._emit(weight, i, torch.sigmoid(out.detach()).reshape(-1))))
+                    lambda m, args, out, i=la.index: self._emit(_SHARED_WEIGHT, i,
+                                                                torch.sigmoid(out.detach()).reshape(-1))))
         return handles
 
     def __enter__(self) -> MoERecorder:
