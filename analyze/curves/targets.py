@@ -25,26 +25,31 @@ def _values_for(rule: str, grid: Sequence[float], taus: dict | None, key) -> lis
     return [taus[key][j] for j in range(len(grid))] if rule == "threshold" else list(grid)
 
 
-def _ranked(sites: SiteBlock, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
-    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the ascending rank
-    order int64 or int32 [T, W] of ``sites[site]`` [T, W] (as ``linear_errors.linear_target_errors`` takes
-    it) for every value of ``rule``'s grid.
+def rank_block(a: torch.Tensor, rule: str, values: Sequence[float], power: float = 1.0, *, with_order: bool):
+    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the ascending rank order
+    int64 or int32 [T, W] of a block ``a`` [T, W] (as ``linear_errors.linear_target_errors`` takes it) for
+    every value of ``rule`` (threshold: the taus).
 
-    Plain top-p on a site stored in 16 bits takes the histogram path (``sweep.topp_histogram`` on
-    the stored values: no sort, the order is a counting partition by the thresholds found);
-    everything else one ``sort_block`` of the float32 values (the thresholds of max-p and
-    threshold are float32 ones).
+    Plain top-p on 16-bit values (stored bf16, or float32 holding them) takes the histogram path
+    (``sweep.topp_histogram``: no sort, the order is a counting partition by the thresholds found);
+    everything else one ``sort_block`` of the float32 values (the thresholds of max-p and threshold are
+    float32 ones).
     """
-    power = cfg.power if rule == "top-p" else 1.0
-    values = _values_for(rule, cfg.grid(rule), taus, key)
     if rule == "top-p" and power == 1.0:
-        a = sites.native(site) if sites.stored(site) else sites[site]
         fast = S.topp_histogram(a, values, with_order=with_order)
         if fast is not None:
             return fast if with_order else (*fast, None)
-    sb = S.sort_block(sites[site], power, with_order=with_order)
+    sb = S.sort_block(a.float(), power, with_order=with_order)
     counts = S.kept_counts(rule, sb, values)
     return counts, S.kept_l1(sb, counts), (sb.order.flip(-1) if with_order else None)
+
+
+def _ranked(sites: SiteBlock, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
+    """:func:`rank_block` of ``sites[site]`` (as stored where it is) for every value of ``rule``'s grid."""
+    power = cfg.power if rule == "top-p" else 1.0
+    values = _values_for(rule, cfg.grid(rule), taus, key)
+    a = sites.native(site) if sites.stored(site) and rule == "top-p" and power == 1.0 else sites[site]
+    return rank_block(a, rule, values, power, with_order=with_order)
 
 
 def target_block(target: str, sites: SiteBlock, cfg: CurveConfig, taus: dict, layer: int, emit) -> None:
