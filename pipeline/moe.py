@@ -194,12 +194,12 @@ def _check_experts(model_name: str, path: str, experts: nn.Module) -> None:
 
 
 def _moe_layer(model_name: str, index: int, path: str, block: nn.Module) -> MoELayer:
+    experts = block.experts
+    _check_experts(model_name, path, experts)
     spec = SUPPORTED_BLOCKS.get(type(block).__name__)
     if spec is None:
         raise ActsparseError(f"unsupported MoE layout in {model_name}: {path} is a {type(block).__name__}, whose "
                              f"combination of experts is not verified (supported: {', '.join(SUPPORTED_BLOCKS)})")
-    experts = block.experts
-    _check_experts(model_name, path, experts)
     router = getattr(block, "gate", None)
     n_experts, d_model = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
     weight = getattr(router, "weight", None)

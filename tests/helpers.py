@@ -87,8 +87,9 @@ def moe_config(kind: str, vocab: int, top_k: int = 2, **extra):
     if kind == "mixtral":
         return MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=top_k, **common)
     if kind == "gptoss":
+        # its YaRN rope (factor 32 over 4,096 positions) expects 131,072 positions; fewer only draw a warning
         return GptOssConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=top_k, head_dim=8,
-                            **common | dict(num_hidden_layers=2))
+                            **common | dict(num_hidden_layers=2, max_position_embeddings=131072))
     raise ValueError(kind)
 
 

@@ -11,18 +11,24 @@ sites; the stored weights (``pipeline.moe_weights``) recompute what was not stor
 in ``analyze.moe.counting``; what each curve row means in ``analyze.moe.curves``.
 """
 
+from collections.abc import Callable, Sequence
+
+from actsparse.analyze.curves.config import DEFAULT_BLOCK_TOKENS, CurveConfig
 from actsparse.analyze.moe.curves import moe_curves
 
 
-def expert_curves(store, run_id: str | None = None, **options):
-    """The per-expert rows (``actsparse.core.format.EXPERT_CURVES``) of a mixture-of-experts run, computed as
-    ``actsparse.analyze.curves.compute_curves`` computes its curves (same ``options``: targets, rules, grids,
-    power, include_special, with_error, block_tokens, layers, use_cache, progress) and cached with them.
+def expert_curves(store, run_id: str | None = None, *, targets: Sequence[str] = ("intermediate",),
+                  rules: Sequence[str] = ("top-p",), grids: dict | None = None, power: float = 1.0,
+                  include_special: bool = False, with_error: bool = True, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                  layers: Sequence[int] | None = None, use_cache: bool = True,
+                  progress: Callable[[int], None] | None = None):
+    """The per-expert rows (``actsparse.core.format.EXPERT_CURVES``) of a mixture-of-experts run: one per
+    (target, rule, value, layer, unit, expert), computed as ``actsparse.analyze.curves.compute_curves``
+    computes its curves (the same arguments) and cached with them.
 
     Raises:
         ActsparseError: the run is not a mixture-of-experts run, or as ``compute_curves``.
     """
-    from actsparse.analyze.curves.config import CurveConfig
     from actsparse.core.errors import ActsparseError
     from actsparse.pipeline.reader import StoreReader
 
@@ -30,14 +36,10 @@ def expert_curves(store, run_id: str | None = None, **options):
     run = st.run(run_id)
     if run.moe is None:
         raise ActsparseError(f"run {run.run_id} is not a mixture-of-experts run: it has no expert curves")
-    cfg_keys = ("targets", "rules", "grids", "power", "include_special", "with_error", "block_tokens")
-    given = {k: options.pop(k) for k in cfg_keys if k in options}
-    given = {k: tuple(v) if k in ("targets", "rules") else v for k, v in given.items()}
-    cfg = CurveConfig(**given)
-    cfg = CurveConfig(cfg.targets, cfg.rules, dict(cfg.grids), float(cfg.power), cfg.include_special,
-                      cfg.with_error or "all-inputs" in cfg.targets, cfg.block_tokens)
+    cfg = CurveConfig(tuple(targets), tuple(rules), dict(grids or {}), float(power), include_special,
+                      with_error or "all-inputs" in targets, block_tokens)
     cfg.validate()
-    return moe_curves(st, run, cfg, **options)[1]
+    return moe_curves(st, run, cfg, layers=layers, use_cache=use_cache, progress=progress)[1]
 
 
 __all__ = ["expert_curves", "moe_curves"]

@@ -139,6 +139,8 @@ def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tol
         "<h2>Critical sparsity</h2>", _critical_table(data, open_crit, tolerance), fig("fig-critical-sparsity"),
         '<h2><span class="tag open">open-loop</span>Sparsity and simulated error</h2>', fig("fig-error-vs-sparsity"),
         per_run("fig-sparsity-vs-topp"), per_run("fig-heatmap"),
+        *(['<h2><span class="tag open">open-loop</span>Mixture of experts</h2>', per_run("fig-expert-sparsity"),
+            per_run("fig-expert-load")] if any(rd.experts is not None for rd in data) else []),
         '<h2><span class="tag closed">closed-loop</span>Evaluation</h2>', closed,
         "<h2>Activations</h2>", per_run("fig-magnitudes"), per_run("fig-position"),
         "<h2>Provenance</h2>", "".join(_provenance(rd) for rd in data),
