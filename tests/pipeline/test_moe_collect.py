@@ -1,5 +1,6 @@
 """Collection of mixture-of-experts models: the stored routing, per-slot sites, shared-expert and dense-layer arrays
-and expert weights; exact resume after SIGKILL; refusals (an unsupported layout, a run resumed with another top-k).
+and expert weights; exact resume after SIGKILL; a run resumed with another top-k refused (an unsupported layout:
+tests/pipeline/test_collect.py, case ``arch``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from actsparse import CollectConfig, collect
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.pipeline.reader import StoreReader
-from tests.helpers import MOE_KINDS, ROOT, build_tiny, run_cli
-from tests.pipeline.test_collect import _collect_cmd, _one_line_error
+from tests.helpers import MOE_KINDS, ROOT
+from tests.pipeline.test_collect import _collect_cmd
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
@@ -96,13 +97,6 @@ def test_sigkill_then_resume_gives_identical_bytes(moe_checkpoints, text_corpus,
     assert {"input", "routed/gate", "routed/expert_id", "routed/weight", "dense/gate"} <= names
     for rel in arrays:
         assert (ref / rel).read_bytes() == (killed / rel).read_bytes(), rel
-
-
-def test_an_unsupported_layout_is_one_line_naming_it(text_corpus, tmp_path):
-    model = build_tiny(tmp_path / "gptoss", "gptoss")
-    r = run_cli("collect", "--model", str(model), "--corpus", str(text_corpus), "--store", str(tmp_path / "S"),
-                "--max-tokens", "100", "--seq-len", "32", "-q")
-    _one_line_error(r, "unsupported MoE layout in GptOssForCausalLM", "GptOssExperts", "is_transposed=True")
 
 
 def test_resuming_with_another_top_k_is_refused(moe_checkpoints, text_corpus, tmp_path):
