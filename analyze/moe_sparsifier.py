@@ -27,9 +27,7 @@ so its logits equal the dense capture path's bit for bit (tests/analyze/test_moe
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
-from types import TracebackType
 
 import torch
 from torch import nn
@@ -37,7 +35,7 @@ from torch import nn
 from actsparse.analyze.moe.targets import HOOK_SITES
 from actsparse.analyze.sparsifier import check_closed_loop, keep_and_count
 from actsparse.core.errors import ActsparseError
-from actsparse.pipeline.experts import RoutedRows, check_top_k, experts_override, routed_forward
+from actsparse.pipeline.experts import ExpertsContext, RoutedRows, check_top_k, routed_forward
 from actsparse.pipeline.moe import DenseLayer, MoEArchitecture, MoELayer
 
 # routed_forward's site names -> hook sites (the target vocabulary: the gate target is the act output).
@@ -84,7 +82,7 @@ def hook_points(arch: MoEArchitecture, target: str) -> tuple[MoEHookPoint, ...]:
     return tuple(points)
 
 
-class MoESparsifier:
+class MoESparsifier(ExpertsContext):
     """Context manager that sparsifies ``target`` with ``rule`` at ``value`` in every FFN of a MoE model.
 
     The interface of ``analyze.sparsifier.Sparsifier``: per batch ``begin_batch(valid)`` with ``valid`` bool
@@ -106,7 +104,6 @@ class MoESparsifier:
         self.points = hook_points(arch, target)
         self._index = {(p.layer, p.unit, p.expert, p.site): k for k, p in enumerate(self.points)}
         self._groups = sorted({(p.layer, p.unit) for p in self.points})
-        self._stack: contextlib.ExitStack | None = None
         self._valid: torch.Tensor | None = None
         self._zeroed = self.rows = torch.zeros(0, dtype=torch.int64)
         self._fired: dict[tuple[int, str, str], int] = {}
@@ -178,6 +175,19 @@ class MoESparsifier:
                     lambda m, args, f=apply: (f(args[0]), *args[1:])))
         return handles
 
+    def _entered(self) -> None:
+        self.begin_batch(None)
+
+    def _hooks(self) -> list:
+        """The module hooks of the shared experts and dense FFNs."""
+        handles = []
+        for la in self.arch.layers:
+            if isinstance(la, DenseLayer):
+                handles += self._module_hooks(la.mlp, la.index, "dense")
+            elif la.shared is not None:
+                handles += self._module_hooks(la.shared, la.index, "shared")
+        return handles
+
     def begin_batch(self, valid: torch.Tensor | None) -> None:
         """Start a batch; ``valid`` bool [batch, seq] selects the counted positions (None: count nothing)."""
         self._valid = None if valid is None else valid.detach().bool().cpu()
@@ -200,32 +210,3 @@ class MoESparsifier:
             raise ActsparseError(f"{len(wrong)} of {len(expected)} MoE sparsification points did not fire exactly "
                                  f"once ({shown}); hooks registered after torch.compile are skipped (P11)")
         return None if self._valid is None else self._zeroed.clone()
-
-    def __enter__(self) -> MoESparsifier:
-        if self._stack is not None:
-            raise ActsparseError("this MoESparsifier is already active")
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(experts_override(self.arch, {la.index: self._handler(la.index)
-                                                             for la in self.arch.moe_layers}))
-            for la in self.arch.layers:
-                if isinstance(la, DenseLayer):
-                    handles = self._module_hooks(la.mlp, la.index, "dense")
-                elif la.shared is not None:
-                    handles = self._module_hooks(la.shared, la.index, "shared")
-                else:
-                    continue
-                for handle in handles:
-                    stack.callback(handle.remove)
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        self.begin_batch(None)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()

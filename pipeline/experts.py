@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 
 import torch
 from torch import nn
@@ -74,6 +75,51 @@ def experts_override(arch: MoEArchitecture, handlers: Mapping[int, Handler]) -> 
             c._experts_implementation_internal = saved[key]
         for e in experts:
             _HANDLERS.pop(id(e), None)
+
+
+class ExpertsContext:
+    """Base of a context manager that routes the experts call of every MoE layer of ``self.arch`` to
+    ``self._handler(layer)`` (:func:`experts_override`) and registers the module hooks ``self._hooks()`` returns;
+    both are undone on exit, also when entering fails half-way. Subclasses set ``arch``, define ``_handler``
+    and ``_hooks``, and may act once entered (``_entered``).
+
+    Raises:
+        ActsparseError: entered twice, or as :func:`experts_override`.
+    """
+
+    arch: MoEArchitecture
+    _stack: contextlib.ExitStack | None = None
+
+    def _handler(self, layer: int) -> Handler:
+        raise NotImplementedError
+
+    def _hooks(self) -> list:
+        return []
+
+    def _entered(self) -> None:
+        """Called once the override and hooks are in place."""
+
+    def __enter__(self):
+        if self._stack is not None:
+            raise ActsparseError(f"this {type(self).__name__} is already active")
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(experts_override(self.arch, {la.index: self._handler(la.index)
+                                                             for la in self.arch.moe_layers}))
+            for handle in self._hooks():
+                stack.callback(handle.remove)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        self._entered()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,7 @@ name                                      shape               meaning
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 import torch
 from torch import nn
@@ -32,8 +30,9 @@ from torch import nn
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.core.vocab import SITES
-from actsparse.pipeline.experts import Handler, check_top_k, experts_override, routed_forward
+from actsparse.pipeline.experts import ExpertsContext, Handler, check_top_k, routed_forward
 from actsparse.pipeline.moe import DenseLayer, MoEArchitecture, MoELayer
+from actsparse.pipeline.recorder import FireCounts
 
 Sink = Callable[[str, int, torch.Tensor], None]
 _SHARED_WEIGHT = fmt.moe_array(fmt.SHARED, fmt.ROUTING_WEIGHT)
@@ -43,19 +42,22 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1])
 
 
-class MoERecorder:
+class MoERecorder(FireCounts, ExpertsContext):
     """Context manager that captures the requested ``sites`` of every FFN layer of a MoE model.
 
     ``sink(name, layer, tensor)`` receives the tensors of the module docstring's table (detached, in the
     model's dtype; routed sites freshly allocated in token / slot order); ``routed/expert_id`` and
     ``routed/weight`` (and ``shared/weight``) always, the others for the requested sites. Fires are counted
     per (name, layer); :meth:`check_fired` asserts each fired ``expected`` times since :meth:`reset_counts`
-    (docs/pitfalls.md P11). The model's experts implementation and all hooks are restored on exit.
+    (docs/pitfalls.md P11; ``pipeline.recorder.FireCounts``). The model's experts implementation and all hooks are
+    restored on exit.
 
     Raises:
         ActsparseError: an empty or unknown ``sites``; at run time (from inside the forward) a top-k other
             than the resolved one.
     """
+
+    _what = "MoE capture points"
 
     def __init__(self, arch: MoEArchitecture, sites: Sequence[str], sink: Sink) -> None:
         sites = tuple(dict.fromkeys(sites))
@@ -65,8 +67,10 @@ class MoERecorder:
                                  f"choose from {', '.join(SITES)}")
         self.arch, self.sites, self._sink = arch, sites, sink
         self._expert_sites = tuple(s for s in fmt.EXPERT_SITES if s in sites)
-        self._stack: contextlib.ExitStack | None = None
         self._counts = dict.fromkeys(self._expected(), 0)
+
+    def _entered(self) -> None:
+        self.reset_counts()
 
     def _expected(self) -> list[tuple[str, int]]:
         keys = []
@@ -143,42 +147,3 @@ class MoERecorder:
                     lambda m, args, out, i=la.index: self._emit(_SHARED_WEIGHT, i,
                                                                 torch.sigmoid(out.detach()).reshape(-1))))
         return handles
-
-    def __enter__(self) -> MoERecorder:
-        if self._stack is not None:
-            raise ActsparseError("this MoERecorder is already active")
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(experts_override(self.arch, {la.index: self._handler(la.index)
-                                                             for la in self.arch.moe_layers}))
-            for handle in self._hooks():
-                stack.callback(handle.remove)
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        self.reset_counts()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
-    @property
-    def counts(self) -> dict[tuple[str, int], int]:
-        """Fires per (name, layer) since the last :meth:`reset_counts`."""
-        return dict(self._counts)
-
-    def reset_counts(self) -> None:
-        """Zero the fire counts, e.g. before each batch."""
-        self._counts = dict.fromkeys(self._counts, 0)
-
-    def check_fired(self, expected: int = 1) -> None:
-        """Raise ActsparseError naming up to five (name, layer) pairs that did not fire ``expected`` times."""
-        wrong = [(key, n) for key, n in self._counts.items() if n != expected]
-        if wrong:
-            shown = ", ".join(f"{name}@{layer}={n}" for (name, layer), n in wrong[:5])
-            raise ActsparseError(f"{len(wrong)} of {len(self._counts)} MoE capture points did not fire {expected} "
-                                 f"time(s) ({shown}); hooks registered after torch.compile are skipped (P11)")

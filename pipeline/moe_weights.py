@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 
 from actsparse.core import format as fmt
-from actsparse.core.checksums import write_checksums
 from actsparse.core.errors import ActsparseError
-from actsparse.core.files import atomic_directory, blocking_lock
 from actsparse.pipeline.arrays import compressor
 from actsparse.pipeline.moe import DenseLayer, MoEArchitecture
+from actsparse.pipeline.weights import write_weights_group
 
 LAYOUT = ("per expert nn.Linear [out, in]: gate/up [layers, E, d_moe, d_model], down [layers, E, d_model, d_moe]; "
           "router [layers, E, d_model]; shared_*, dense_* as a dense GLU")
@@ -63,27 +62,19 @@ def moe_weights_id(weights_sha256: str, arch: MoEArchitecture, compute_dtype: st
 
 
 def write_moe_weights(paths: fmt.StorePaths, wid: str, arch: MoEArchitecture) -> None:
-    """Store every layer's expert, router, shared-expert and dense weights once per model (module docstring),
-    written into a temporary directory, renamed into place under the weights lock, then listed in their
-    ``checksums.json``. A no-op when they exist."""
-    import zarr
+    """Store every layer's expert, router, shared-expert and dense weights once per model (module docstring), as
+    ``pipeline.weights.write_weights_group`` writes them."""
 
-    target = paths.weights_dir(wid)
-    with blocking_lock(target.parent / fmt.LOCK):
-        if (target / fmt.ZARR_META).is_file():
-            return
-        with atomic_directory(target) as tmp:
-            group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-            for layers, prefix in ((arch.moe_layers, ""), (arch.dense_layers, DENSE_PREFIX)):
-                if not layers:
-                    continue
-                arrays = {}
-                for i, la in enumerate(layers):
-                    for name, w in moe_weights(arch, la.index).items():
-                        if name not in arrays:
-                            arrays[name] = group.create_array(prefix + name, shape=(len(layers), *w.shape),
-                                                              dtype="float32", chunks=(1, *w.shape),
-                                                              compressors=compressor(4))
-                        arrays[name][i] = w.numpy()
-            group.attrs.update(dict(arch.describe(), layout=LAYOUT))
-        write_checksums(target.parent)
+    def fill(group) -> None:
+        for layers, prefix in ((arch.moe_layers, ""), (arch.dense_layers, DENSE_PREFIX)):
+            arrays = {}
+            for i, la in enumerate(layers):
+                for name, w in moe_weights(arch, la.index).items():
+                    if name not in arrays:
+                        arrays[name] = group.create_array(prefix + name, shape=(len(layers), *w.shape),
+                                                          dtype="float32", chunks=(1, *w.shape),
+                                                          compressors=compressor(4))
+                    arrays[name][i] = w.numpy()
+        group.attrs.update(dict(arch.describe(), layout=LAYOUT))
+
+    write_weights_group(paths, wid, fill)

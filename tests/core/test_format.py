@@ -123,6 +123,24 @@ def test_every_defined_name_and_column_is_documented():
         assert f"`{view}`" in DOC, view
 
 
+def kinds_in(store: Path) -> set[str]:
+    """What each file of a store is (``fmt.describe_path``), asserting every one is defined by the format and
+    every Parquet file has only documented columns."""
+    seen = set()
+    for p in sorted(store.rglob("*")):
+        rel = p.relative_to(store).as_posix()
+        if p.is_dir() or p.name in fmt.LOCKS:
+            continue
+        described = fmt.describe_path(rel)
+        assert described is not None, f"{rel} is not defined by the store format"
+        what, columns = described
+        seen.add(what)
+        if rel.endswith(".parquet"):
+            written = pq.read_schema(p).names
+            assert columns is not None and set(written) <= {c for c, _ in columns}, (rel, written)
+    return seen
+
+
 def test_a_store_holds_only_what_the_format_defines(two_model_store, tmp_path):
     """Every file of a store with every kind of result (curves, critical, an evaluation with a run and one
     without) is a path the format defines, and every Parquet file has only documented columns."""
@@ -137,18 +155,7 @@ def test_a_store_holds_only_what_the_format_defines(two_model_store, tmp_path):
     m = json.loads((store / fmt.run_path(a, fmt.MANIFEST)).read_text())
     evaluate(EvalConfig(model=m["config"]["model"], corpus=m["corpus"]["spec"], target="input", grid=(1.0,),
                         max_tokens=256, seq_len=64, batch_size=4), store, n_boot=10, log=lambda m: None)
-    seen = set()
-    for p in sorted(store.rglob("*")):
-        rel = p.relative_to(store).as_posix()
-        if p.is_dir() or p.name in fmt.LOCKS:
-            continue
-        described = fmt.describe_path(rel)
-        assert described is not None, f"{rel} is not defined by the store format"
-        what, columns = described
-        seen.add(what)
-        if rel.endswith(".parquet"):
-            written = pq.read_schema(p).names
-            assert columns is not None and set(written) <= {c for c, _ in columns}, (rel, written)
+    seen = kinds_in(store)
     assert {"result: curves", "result: critical_sparsity", "result: evaluations", "result: evaluation_layers",
             "result: evaluation_critical", "evaluation value part", "token statistics part"} <= seen
 
@@ -205,16 +212,5 @@ def test_a_moe_store_holds_only_what_the_format_defines(moe_store, tmp_path):
     compute_curves(store, ids["qwen3moe"], targets=("intermediate",), grids={"top-p": [1.0, 0.9]})
     evaluate(EvalConfig(target="gate", grid=(0.9,), max_tokens=256, seq_len=64, batch_size=4), store,
              run=ids["qwen3moe"], n_boot=10, log=lambda m: None)
-    seen = set()
-    for p in sorted(store.rglob("*")):
-        rel = p.relative_to(store).as_posix()
-        if p.is_dir() or p.name in fmt.LOCKS:
-            continue
-        described = fmt.describe_path(rel)
-        assert described is not None, f"{rel} is not defined by the store format"
-        what, columns = described
-        seen.add(what)
-        if rel.endswith(".parquet"):
-            assert columns is not None and set(pq.read_schema(p).names) <= {c for c, _ in columns}, rel
     assert {"expert array group", "expert array metadata", "expert array shard", "weights chunk",
-            "result: expert_curves", "result: evaluation_experts", "evaluation value part"} <= seen
+            "result: expert_curves", "result: evaluation_experts", "evaluation value part"} <= kinds_in(store)

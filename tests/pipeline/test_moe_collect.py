@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -18,8 +15,8 @@ from actsparse import CollectConfig, collect
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.pipeline.reader import StoreReader
-from tests.helpers import MOE_KINDS, ROOT
-from tests.pipeline.test_collect import _collect_cmd
+from tests.helpers import MOE_KINDS
+from tests.pipeline.test_collect import _collect_cmd, kill_while_collecting
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
@@ -75,17 +72,7 @@ def test_sigkill_then_resume_gives_identical_bytes(moe_checkpoints, text_corpus,
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     collect(cfg, ref, progress=False, log=lambda m: None)
     cmd = _collect_cmd(model, text_corpus, killed, "--sites", ",".join(sites), "--max-tokens", "1000")
-    for stop_after in (1, 9):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(killed.glob("runs/*/tokens/part-*.parquet"))) >= stop_after:
-                break
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    manifest = json.loads(next(killed.glob("runs/*/manifest.json")).read_text())
-    assert manifest["status"] == "incomplete", "the run finished before it could be killed"
+    kill_while_collecting(cmd, killed, (1, 9))
     messages = []
     collect(cfg, killed, progress=False, log=messages.append)
     assert any("resuming run" in m for m in messages)
