@@ -1,4 +1,4 @@
-# actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
+# actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate | bench-moe
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -16,7 +16,7 @@ SOURCES  := $(shell find api core pipeline analyze queries share cli -name '*.py
 SRC_LIST := $(VENV)/.actsparse-sources
 $(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
-.PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench clean
+.PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-moe bench clean
 
 install: $(LINKED)
 
@@ -61,7 +61,10 @@ bench-query: install
 bench-evaluate: install
 	$(BIN)/python bench/bench_evaluate.py
 
-bench: bench-collect bench-analyze bench-query bench-evaluate
+bench-moe: install
+	$(BIN)/python bench/bench_moe.py
+
+bench: bench-collect bench-analyze bench-query bench-evaluate bench-moe
 
 clean:
 	rm -rf $(DEMO_STORE) $(DEMO_OUT) bench-out .pytest_cache build

@@ -246,11 +246,14 @@ class Run:
         return zarr.open_group(self._zarr_store(fmt.run_path(self.run_id, fmt.ACTIVATIONS)), mode="r", zarr_format=3)
 
     def array(self, site: str):
-        """The zarr array of a stored site, ``[layers, tokens, width]``.
+        """The zarr array of a stored site, ``[layers, tokens, width]``, or of a mixture-of-experts array
+        (``routed/gate``: ``actsparse.core.format.MoELayout.array_specs``).
 
         Raises:
             ActsparseError: the site was not stored in this run.
         """
+        if site in self.manifest.moe_arrays:
+            return self._arrays[site]
         if site not in self.sites:
             raise ActsparseError(f"run {self.run_id} has no site '{site}' (stored: {', '.join(self.sites)}); "
                                  f"collect it with --sites {','.join(sorted(set(self.sites) | {site}))}")
