@@ -1,5 +1,5 @@
 # actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
-#             | bench-rank | bench-allocate | bench-scale
+#             | bench-rank | bench-allocate | bench-scale | bench-moe
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -18,7 +18,7 @@ SRC_LIST := $(VENV)/.actsparse-sources
 $(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
 .PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate \
-	bench-scale bench clean
+	bench-scale bench-moe bench clean
 
 install: $(LINKED)
 
@@ -72,7 +72,10 @@ bench-allocate: install
 bench-scale: install
 	$(BIN)/python bench/bench_scale.py
 
-bench: bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate bench-scale
+bench-moe: install
+	$(BIN)/python bench/bench_moe.py
+
+bench: bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate bench-scale bench-moe
 
 clean:
 	rm -rf $(DEMO_STORE) $(DEMO_OUT) bench-out .pytest_cache build

@@ -32,7 +32,7 @@ _Y_BLOCK_BYTES = 2 * 1024 * 1024
 _LANES = 16
 
 
-def _feature_chunks(width: int, d_model: int) -> list[tuple[int, int]]:
+def feature_chunks(width: int, d_model: int) -> list[tuple[int, int]]:
     """Split the d_model output features into near-equal chunks with bounds on ``_LANES``
     multiples, whose W_down^T slice (width x chunk float32) fits ``_W_CHUNK_BYTES``."""
     max_c = max(_LANES, (_W_CHUNK_BYTES // (4 * width)) // _LANES * _LANES)
@@ -42,7 +42,7 @@ def _feature_chunks(width: int, d_model: int) -> list[tuple[int, int]]:
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _segment_norms(seg, y, dropped_sq, kept_sq):  # pragma: no cover - compiled
+def segment_norms(seg, y, dropped_sq, kept_sq):  # pragma: no cover - compiled
     """Accumulate squared norms of segment prefix sums for one feature chunk.
 
     seg: float32 [T, P + 1, C] segment outputs in ascending rank order; y: float32 [T, C] reference
@@ -91,7 +91,7 @@ def _take_rows(h, idx, out, shift):  # pragma: no cover - compiled
             out[t, r] = h[t, idx[t, r]] << shift
 
 
-def _gathered_f32(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gathered_f32(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """float32 [T, W] ``h[t, idx[t, r]]`` for int32 ``idx``; bfloat16 h is widened in the same pass."""
     out = torch.empty(idx.shape, dtype=torch.float32)
     if h.dtype == torch.bfloat16:
@@ -131,7 +131,7 @@ def linear_target_errors(
     segment into its output vector: T * W multiply-adds of width d_model in total, the
     work of one dense matmul. Segments run from the lowest ranks up, so prefix sums over
     them give every D_p, and the last prefix is y (one fused compiled pass per token and
-    feature chunk, ``_segment_norms``). The work is tiled over feature chunks of W_down^T
+    feature chunk, ``segment_norms``). The work is tiled over feature chunks of W_down^T
     that stay in L2 and token blocks whose segment outputs stay in L3.
 
     A y given by the caller is the reference as is: y' = y - D_p, so any difference
@@ -164,7 +164,7 @@ def linear_target_errors(
     # c is the first W - c entries: [0, sorted dropped lengths] -> P + 1 segments.
     starts = torch.cat([torch.zeros(n_tok, 1, dtype=torch.int64), dropped_len], dim=1)
     wt = w_down.detach().float().t()
-    chunks = [(j0, j1, wt[:, j0:j1].contiguous()) for j0, j1 in _feature_chunks(width, d_model)]
+    chunks = [(j0, j1, wt[:, j0:j1].contiguous()) for j0, j1 in feature_chunks(width, d_model)]
     max_c = max((j1 - j0 for j0, j1, _ in chunks), default=1)
     block = max(1, _Y_BLOCK_BYTES // (4 * (n_p + 1) * max_c))
 
@@ -177,12 +177,12 @@ def linear_target_errors(
         nb = t1 - t0
         # int32 indices: FBGEMM's embedding-bag is ~6% faster with them than with int64
         cols = ascending[t0:t1].to(torch.int32).contiguous()
-        weights, cols = _gathered_f32(h[t0:t1], cols).reshape(-1), cols.reshape(-1)
+        weights, cols = gathered_f32(h[t0:t1], cols).reshape(-1), cols.reshape(-1)
         offsets = (starts[t0:t1] + torch.arange(nb)[:, None] * width).reshape(-1).to(torch.int32)
         for j0, j1, wc in chunks:
             seg = F.embedding_bag(cols, wc, offsets, mode="sum", per_sample_weights=weights)
             yc = no_y if y is None else np.ascontiguousarray(y[t0:t1, j0:j1].float().numpy())
-            _segment_norms(seg.view(nb, n_p + 1, j1 - j0).numpy(), yc, dropped_sq[t0:t1], kept_sq[t0:t1])
+            segment_norms(seg.view(nb, n_p + 1, j1 - j0).numpy(), yc, dropped_sq[t0:t1], kept_sq[t0:t1])
     dropped_sq, kept_sq = torch.from_numpy(dropped_sq), torch.from_numpy(kept_sq)
 
     y_sq = dropped_sq[:, n_p]

@@ -1,7 +1,8 @@
 """Float tensors to and from their stored representation (the dtypes of ``actsparse.core.format``).
 
 bfloat16 is stored as its ``uint16`` bit patterns, since neither numpy nor zarr has bfloat16
-(docs/pitfalls.md P5); float16 only after an overflow check (P6); float32 as is.
+(docs/pitfalls.md P5); float16 only after an overflow check (P6); float32 as is. The expert ids of
+mixture-of-experts runs are ``int16`` (``INDEX_DTYPE``), after a range check.
 """
 
 from __future__ import annotations
@@ -9,15 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from actsparse.core.errors import ActsparseError
-from actsparse.core.format import FLOAT16_MAX, STORED_DTYPES, numpy_dtype
+from actsparse.core.format import FLOAT16_MAX, INDEX_DTYPE, STORED_DTYPES, numpy_dtype
 
 
 def encode(t, dtype: str, *, where: str = "", out: np.ndarray | None = None) -> np.ndarray:
     """Convert a float tensor to the stored numpy representation.
 
     Args:
-        t: torch tensor of any float dtype, any shape.
-        dtype: ``bfloat16`` (returned as ``uint16`` bit patterns), ``float16`` or ``float32``.
+        t: torch tensor of any float dtype, any shape (of an integer dtype for ``int16``).
+        dtype: ``bfloat16`` (returned as ``uint16`` bit patterns), ``float16``, ``float32`` or ``int16``
+            (expert ids).
         where: a label for the overflow error message (site and layer).
         out: optional C-contiguous numpy array of ``numpy_dtype(dtype)`` and t's shape to write into;
             conversion and copy are then one pass (torch rounds to nearest even, as ``Tensor.to``).
@@ -26,12 +28,15 @@ def encode(t, dtype: str, *, where: str = "", out: np.ndarray | None = None) -> 
         ``out`` when given, else a new array.
 
     Raises:
-        ActsparseError: an unknown dtype, or ``float16`` requested and a finite value exceeds its range.
+        ActsparseError: an unknown dtype, ``float16`` requested and a finite value exceeds its range, or an
+            ``int16`` value out of its range.
     """
     import torch
 
-    if dtype not in STORED_DTYPES:
+    if dtype not in STORED_DTYPES and dtype != INDEX_DTYPE:
         raise ActsparseError(f"unknown stored dtype '{dtype}' (choose {', '.join(STORED_DTYPES)})")
+    if dtype == INDEX_DTYPE and t.numel() and not -(1 << 15) <= int(t.min()) <= int(t.max()) < (1 << 15):
+        raise ActsparseError(f"{where} holds ids beyond int16")
     if dtype == "float16":
         peak = float(t.detach().abs().max()) if t.numel() else 0.0
         if peak > FLOAT16_MAX:

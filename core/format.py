@@ -15,6 +15,7 @@ Layout (store-relative POSIX paths)::
     runs/<run_id>/checksums.json              sha256 and size of every other file of the run
     runs/<run_id>/documents.parquet           DOCUMENTS_COLUMNS
     runs/<run_id>/activations.zarr/<site>     [layers, tokens, width]; chunk (1, T, width), shard (layers, T, width)
+    runs/<run_id>/activations.zarr/<group>/<name>   mixture-of-experts arrays (MOE_GROUPS; :class:`MoELayout`)
     runs/<run_id>/tokens/part-KKKKKK.parquet  TOKENS_COLUMNS of shard K; written last, it marks shard K complete
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet   TOKEN_STATS_COLUMNS of shard K
     runs/<run_id>/analysis/<prefix>-<id>.parquet                 results (RESULT_KINDS)
@@ -57,6 +58,12 @@ DOCUMENTS = "documents.parquet"
 ACTIVATIONS = "activations.zarr"
 WEIGHTS = "ffn.zarr"
 ZARR_META = "zarr.json"
+# Mixture-of-experts runs: the arrays of routed experts, the shared expert and the dense layers of mixed
+# models are zarr groups inside activations.zarr (docs/store-format.md "Mixture-of-experts runs").
+ROUTED, SHARED, DENSE = "routed", "shared", "dense"
+MOE_GROUPS = (ROUTED, SHARED, DENSE)
+EXPERT_SITES = ("gate", "act", "up", "intermediate")  # the sites stored per routed slot / shared expert / dense layer
+EXPERT_ID, ROUTING_WEIGHT = "expert_id", "weight"
 TOKENS = "tokens"
 TOKEN_STATS = "token_stats"
 ANALYSIS = "analysis"
@@ -154,8 +161,30 @@ STATS_GLOB = f"{TOKEN_STATS}/site=*/part-*.parquet"  # every statistics part of 
 
 
 def site_array(site: str) -> str:
-    """Run-relative path of a site's zarr array."""
+    """Run-relative path of a site's zarr array (``site`` may be a mixture-of-experts array name, e.g.
+    ``routed/gate``: :func:`moe_array`)."""
     return f"{ACTIVATIONS}/{site}"
+
+
+def moe_array(group: str, name: str) -> str:
+    """The name of a mixture-of-experts array inside ``activations.zarr``: ``<group>/<name>`` (``routed/gate``,
+    ``routed/expert_id``, ``shared/weight``, ``dense/intermediate``)."""
+    if group not in MOE_GROUPS:
+        raise ActsparseError(f"unknown mixture-of-experts array group {group!r} (choose {', '.join(MOE_GROUPS)})")
+    return f"{group}/{name}"
+
+
+def dimension_names(name: str) -> tuple[str, ...]:
+    """The zarr dimension names of an array of ``activations.zarr``: ``(layer, token, feature)`` for a site,
+    ``(layer, token, slot)`` for ``routed/expert_id`` and ``routed/weight``, ``(layer, token, slot, feature)``
+    for the other routed arrays, ``(layer, token, scalar)`` for ``shared/weight``."""
+    group, _, leaf = name.rpartition("/")
+    if group == ROUTED:
+        return ("layer", "token", "slot") if leaf in (EXPERT_ID, ROUTING_WEIGHT) else ("layer", "token", "slot",
+                                                                                        "feature")
+    if group == SHARED and leaf == ROUTING_WEIGHT:
+        return ("layer", "token", "scalar")
+    return ("layer", "token", "feature")
 
 
 def n_parts(n_tokens: int, chunk_tokens: int) -> int:
@@ -194,7 +223,7 @@ EVALUATION_CONFIG = "config.json"
 EVALUATION_VALUE_COLUMNS = (
     ("value", "DOUBLE"), ("window", "BIGINT"), ("n_pred", "BIGINT"), ("n_valid", "BIGINT"), ("nll_sparse", "DOUBLE"),
     ("nll_dense", "DOUBLE"), ("correct_sparse", "BIGINT"), ("correct_dense", "BIGINT"), ("kl", "DOUBLE"),
-    ("hook_sparse", "BIGINT[]"),
+    ("hook_sparse", "BIGINT[]"), ("hook_rows", "BIGINT[]"),
 )
 
 _MEMBER_RE = re.compile(
@@ -212,6 +241,7 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
     """Every file a store may hold: ``(store-relative path pattern, what it is, its columns if a table)``."""
     rid, hexid, part = r"[0-9a-f]{16}", r"[0-9a-f]{16}", r"part-\d{6}\.parquet"
     run, model = rf"{RUNS}/{rid}", rf"{MODELS}/{hexid}"
+    groups = f"({'|'.join(MOE_GROUPS)})"
     kinds: list[tuple[str, str, Columns | None]] = [
         (re.escape(STORE_FILE), "store marker", None),
         (re.escape(CATALOGUE), "catalogue", CATALOGUE_COLUMNS),
@@ -219,6 +249,9 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
         (rf"{run}/{re.escape(CHECKSUMS)}", "run checksums", None),
         (rf"{run}/{re.escape(DOCUMENTS)}", "documents", DOCUMENTS_COLUMNS),
         (rf"{run}/{re.escape(ACTIVATIONS)}/{re.escape(ZARR_META)}", "activations group", None),
+        (rf"{run}/{re.escape(ACTIVATIONS)}/{groups}/{re.escape(ZARR_META)}", "expert array group", None),
+        (rf"{run}/{re.escape(ACTIVATIONS)}/{groups}/[a-z_]+/{re.escape(ZARR_META)}", "expert array metadata", None),
+        (rf"{run}/{re.escape(ACTIVATIONS)}/{groups}/[a-z_]+/c/0/\d+/0(/0)?", "expert array shard", None),
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/{re.escape(ZARR_META)}", "site array metadata", None),
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/c/0/\d+/0", "site array shard", None),
         (rf"{run}/{TOKENS}/{part}", "token part", TOKENS_COLUMNS),
@@ -232,7 +265,7 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
         (rf"{model}/{re.escape(CHECKSUMS)}", "weights checksums", None),
         (rf"{model}/{re.escape(WEIGHTS)}/{re.escape(ZARR_META)}", "weights group", None),
         (rf"{model}/{re.escape(WEIGHTS)}/[a-z_]+/{re.escape(ZARR_META)}", "weights array metadata", None),
-        (rf"{model}/{re.escape(WEIGHTS)}/[a-z_]+/c/\d+/\d+/\d+", "weights chunk", None),
+        (rf"{model}/{re.escape(WEIGHTS)}/[a-z_]+/c/\d+/\d+/\d+(/\d+)?", "weights chunk", None),
     ]
     for kind in RESULT_KINDS.values():
         kinds.append((rf"{run}/{ANALYSIS}/{kind.prefix}-{hexid}\.parquet", f"result: {kind.name}", kind.columns))
@@ -297,9 +330,17 @@ NUMPY_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"
 FLOAT16_MAX = 65504.0
 
 
+# Expert ids of mixture-of-experts runs (routed/expert_id) and routing weights (routed/weight, shared/weight):
+# ids as int16 (MAX_EXPERTS fits), weights always float32 (a few values per token; the offline block output
+# is a weighted sum, so they are kept exact).
+INDEX_DTYPE = "int16"
+WEIGHT_DTYPE = "float32"
+
+
 def numpy_dtype(dtype: str) -> str:
-    """The numpy dtype a logical stored dtype is written as (bfloat16 as its ``uint16`` bit patterns)."""
-    return NUMPY_DTYPES[dtype]
+    """The numpy dtype a logical stored dtype is written as (bfloat16 as its ``uint16`` bit patterns;
+    ``int16`` expert ids as themselves)."""
+    return INDEX_DTYPE if dtype == INDEX_DTYPE else NUMPY_DTYPES[dtype]
 
 
 # ---------------------------------------------------------------- tables
@@ -320,8 +361,8 @@ CATALOGUE_COLUMNS: Columns = (
     ("sites", "VARCHAR[]"), ("n_layers", "INTEGER"), ("d_model", "INTEGER"), ("d_ff", "INTEGER"),
     ("activation", "VARCHAR"), ("n_tokens", "BIGINT"), ("n_sequences", "BIGINT"), ("seq_len", "INTEGER"),
     ("stored_dtype", "VARCHAR"), ("compute_dtype", "VARCHAR"), ("created", "VARCHAR"), ("completed", "VARCHAR"),
-    ("bytes", "BIGINT"),
-    ("n_params", "BIGINT"), ("model_type", "VARCHAR"),
+    ("bytes", "BIGINT"), ("n_params", "BIGINT"), ("model_type", "VARCHAR"), ("n_experts", "INTEGER"),
+    ("top_k", "INTEGER"),
 )
 DOCUMENTS_COLUMNS: Columns = (("document_id", "INTEGER"), ("key", "VARCHAR"), ("split", "VARCHAR"),
                               ("n_chars", "BIGINT"))
@@ -374,6 +415,10 @@ _EVAL_META: Columns = (
     ("run_id", "VARCHAR"), ("eval_id", "VARCHAR"), ("model", "VARCHAR"), ("corpus", "VARCHAR"), ("split", "VARCHAR"),
     ("target", "VARCHAR"), ("rule", "VARCHAR"), ("power", "DOUBLE"),
 )
+# Per-expert rows of mixture-of-experts runs: one per (layer, unit, expert) and rule value; unit is ``expert``
+# (a routed expert), ``shared`` (the shared expert) or ``dense`` (a dense layer of a mixed model), expert -1
+# for the last two.
+_EXPERT_KEY: Columns = (("layer", "BIGINT"), ("unit", "VARCHAR"), ("expert", "BIGINT"))
 RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
     ResultKind("curves", "curves", (
         ("run_id", "VARCHAR"), ("target", "VARCHAR"), ("rule", "VARCHAR"), ("value", "DOUBLE"), ("layer", "BIGINT"),
@@ -419,12 +464,22 @@ RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
         ("run_id", "VARCHAR"), ("site", "VARCHAR"), ("rule", "VARCHAR"), ("value", "DOUBLE"), ("layer", "BIGINT"),
         ("neuron", "BIGINT"), ("n_tokens", "BIGINT"), ("keep_rate", "DOUBLE"), ("mean_abs", "DOUBLE"),
         ("analysis_id", "VARCHAR")), "actsparse deployment"),
+    ResultKind("expert_curves", "expert_curves", (
+        ("run_id", "VARCHAR"), ("target", "VARCHAR"), ("rule", "VARCHAR"), ("value", "DOUBLE"), *_EXPERT_KEY,
+        ("width", "BIGINT"), ("rows", "BIGINT"), ("load", "DOUBLE"), ("weight_mean", "DOUBLE"),
+        ("sparsity", "DOUBLE"), ("rel_err_mean", "DOUBLE"), ("analysis_id", "VARCHAR"), ("label", "VARCHAR")),
+        "actsparse curves"),
+    ResultKind("evaluation_experts", "evaluate_experts", (
+        *_EVAL_META, ("value", "DOUBLE"), *_EXPERT_KEY, ("hook", "VARCHAR"), ("width", "BIGINT"),
+        ("n_positions", "BIGINT"), ("rows", "BIGINT"), ("load", "DOUBLE"), ("sparsity", "DOUBLE")),
+        "actsparse evaluate", store_level=True),
 )}
 CURVES, CRITICAL = RESULT_KINDS["curves"], RESULT_KINDS["critical_sparsity"]
 EVALUATION, EVALUATION_LAYERS = RESULT_KINDS["evaluations"], RESULT_KINDS["evaluation_layers"]
 EVALUATION_CRITICAL = RESULT_KINDS["evaluation_critical"]
 EFFECTIVE_RANK = RESULT_KINDS["effective_rank"]
 BATCH_UNION, NM_SPARSITY, NEURONS = RESULT_KINDS["batch_union"], RESULT_KINDS["nm_sparsity"], RESULT_KINDS["neurons"]
+EXPERT_CURVES, EVALUATION_EXPERTS = RESULT_KINDS["expert_curves"], RESULT_KINDS["evaluation_experts"]
 
 _PATH_KINDS = _path_kinds()
 
@@ -444,6 +499,7 @@ MAX_TOKENS = 1 << 40
 MAX_CHUNK_TOKENS = 1 << 24
 MAX_LAYERS = 1 << 12
 MAX_WIDTH = 1 << 20
+MAX_EXPERTS = 1 << 12
 
 
 def _need(d: dict, key: str, typ: type | tuple, where: str):
@@ -560,8 +616,10 @@ class CorpusInfo:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One stored site: ``shape [layers, tokens, width]``, chunks ``[1, T, width]``, shards ``[layers, T, width]``,
-    the numpy dtype written and the logical dtype it holds."""
+    """One stored array: ``shape [layers, tokens, *inner]``, chunks ``[1, T, *inner]``, shards
+    ``[layers, T, *inner]``, the numpy dtype written and the logical dtype it holds; ``width`` is the last
+    dimension. Sites are ``[layers, tokens, width]``; mixture-of-experts arrays may have one more dimension
+    (the routed slot: ``[moe layers, tokens, k, d_moe]``)."""
 
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
@@ -574,23 +632,43 @@ class ArraySpec:
     def for_site(cls, n_layers: int, n_tokens: int, chunk_tokens: int, width: int, dtype: str) -> ArraySpec:
         """The layout collection writes (one chunk per layer and ``chunk_tokens`` tokens, one shard per
         ``chunk_tokens`` tokens holding every layer)."""
-        t = min(chunk_tokens, max(n_tokens, 1))
-        return cls((n_layers, n_tokens, width), (1, t, width), (n_layers, t, width), numpy_dtype(dtype), dtype, width)
+        return cls.for_array(n_layers, n_tokens, chunk_tokens, (width,), dtype)
 
     @classmethod
-    def from_dict(cls, d: object, where: str) -> ArraySpec:
+    def for_array(cls, n_layers: int, n_tokens: int, chunk_tokens: int, inner: tuple[int, ...],
+                  dtype: str) -> ArraySpec:
+        """The same layout for an array ``[layers, tokens, *inner]`` (``inner`` whole in every chunk)."""
+        t = min(chunk_tokens, max(n_tokens, 1))
+        inner = tuple(inner)
+        return cls((n_layers, n_tokens, *inner), (1, t, *inner), (n_layers, t, *inner), numpy_dtype(dtype), dtype,
+                   inner[-1])
+
+    @property
+    def inner(self) -> tuple[int, ...]:
+        """The dimensions after the token axis (``(width,)`` for a site)."""
+        return self.shape[2:]
+
+    @classmethod
+    def from_dict(cls, d: object, where: str, *, ndims: tuple[int, ...] = (3,),
+                  dtypes: tuple[str, ...] = STORED_DTYPES) -> ArraySpec:
+        """Validate an array record of the manifest: ``ndims`` dimensions, a logical dtype of ``dtypes``.
+
+        Raises:
+            ActsparseError: naming the first field that does not fit.
+        """
         if not isinstance(d, dict):
             raise ActsparseError(f"{where} is not an object")
 
         def dims(key: str) -> tuple[int, ...]:
             v = d.get(key)
-            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                   and 1 <= x <= MAX_TOKENS for x in v)):
-                raise ActsparseError(f"{where}: '{key}' is not three positive integers")
+            if not (isinstance(v, list) and len(v) in ndims and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                      and 1 <= x <= MAX_TOKENS for x in v)):
+                count = " or ".join(str(n) for n in ndims)
+                raise ActsparseError(f"{where}: '{key}' is not {_NUMBERS.get(count, count)} positive integers")
             return tuple(v)
 
         logical = d.get("logical_dtype")
-        if logical not in STORED_DTYPES or d.get("numpy_dtype") != NUMPY_DTYPES[logical]:
+        if logical not in dtypes or d.get("numpy_dtype") != numpy_dtype(logical):
             raise ActsparseError(f"{where}: dtypes {logical!r} / {d.get('numpy_dtype')!r} are not a stored dtype pair")
         return cls(dims("shape"), dims("chunks"), dims("shards"), d["numpy_dtype"], logical,
                    _bounded(d, "width", 1, MAX_WIDTH, where))
@@ -598,6 +676,137 @@ class ArraySpec:
     def to_dict(self) -> dict:
         return dict(shape=list(self.shape), chunks=list(self.chunks), shards=list(self.shards),
                     numpy_dtype=self.numpy_dtype, logical_dtype=self.logical_dtype, width=self.width)
+
+
+_NUMBERS = {"3": "three", "3 or 4": "three or four"}
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """The mixture-of-experts layout of a run's model (``pipeline.moe.MoEArchitecture.describe``), manifest
+    field ``moe``: which decoder layers hold a MoE block (``moe_layers``) and which a dense FFN
+    (``dense_layers``, mixed models), the experts (``n_experts``, routed ``top_k`` per token, width
+    ``d_moe``), the shared expert (``d_shared``, scaled by ``shared_gate``: ``sigmoid``; None without one),
+    the dense layers' width ``d_ff_dense`` and whether the router renormalises its top-k weights.
+
+    Array ``i`` of a ``routed``/``shared`` group is decoder layer ``moe_layers[i]``, of the ``dense`` group
+    ``dense_layers[i]`` (:meth:`position`). :meth:`array_specs` gives the arrays a run of this layout holds;
+    :meth:`differences` is what an evaluation refuses (e.g. a top-k changed since collection).
+    """
+
+    model_class: str
+    block_class: str
+    experts_class: str
+    activation: str
+    n_layers: int
+    moe_layers: tuple[int, ...]
+    dense_layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    d_model: int
+    d_moe: int
+    d_shared: int | None = None
+    shared_gate: str | None = None
+    d_ff_dense: int | None = None
+    renormalized: bool = False
+    layers_path: str = ""
+    block_name: str = ""
+
+    # Fields whose change makes stored tensors and a model incompatible (the names and paths may differ).
+    COMPARED = ("block_class", "activation", "n_layers", "moe_layers", "dense_layers", "n_experts", "top_k",
+                "d_model", "d_moe", "d_shared", "shared_gate", "d_ff_dense", "renormalized")
+
+    def position(self, layer: int) -> tuple[str, int]:
+        """``(group, index)`` of decoder layer ``layer`` in the arrays: ``(ROUTED, i)`` for a MoE layer (its
+        routed and shared arrays), ``(DENSE, j)`` for a dense one.
+
+        Raises:
+            ActsparseError: not a decoder layer of the layout.
+        """
+        if layer in self.moe_layers:
+            return ROUTED, self.moe_layers.index(layer)
+        if layer in self.dense_layers:
+            return DENSE, self.dense_layers.index(layer)
+        raise ActsparseError(f"layer {layer} out of range: the model has {self.n_layers} decoder layers")
+
+    def array_specs(self, sites, n_tokens: int, chunk_tokens: int, dtype: str) -> dict[str, ArraySpec]:
+        """The mixture-of-experts arrays of a run storing ``sites`` (EXPERT_SITES among them), by name
+        (:func:`moe_array`): ``routed/expert_id`` int16 and ``routed/weight`` float32 ``[moe layers, tokens, k]``
+        always; ``routed/<site>`` ``[moe layers, tokens, k, d_moe]``; with a shared expert ``shared/<site>``
+        ``[moe layers, tokens, d_shared]`` and ``shared/weight`` float32 ``[moe layers, tokens, 1]``; with dense
+        layers ``dense/<site>`` ``[dense layers, tokens, d_ff_dense]``. ``input`` and ``output`` are ordinary
+        sites over every decoder layer (``Manifest.arrays``)."""
+        n_moe, k = len(self.moe_layers), self.top_k
+
+        def spec(n: int, inner: tuple[int, ...], dt: str) -> ArraySpec:
+            return ArraySpec.for_array(n, n_tokens, chunk_tokens, inner, dt)
+
+        specs = {moe_array(ROUTED, EXPERT_ID): spec(n_moe, (k,), INDEX_DTYPE),
+                 moe_array(ROUTED, ROUTING_WEIGHT): spec(n_moe, (k,), WEIGHT_DTYPE)}
+        sites = [s for s in EXPERT_SITES if s in sites]
+        specs |= {moe_array(ROUTED, s): spec(n_moe, (k, self.d_moe), dtype) for s in sites}
+        if self.d_shared is not None:
+            specs |= {moe_array(SHARED, s): spec(n_moe, (self.d_shared,), dtype) for s in sites}
+            specs[moe_array(SHARED, ROUTING_WEIGHT)] = spec(n_moe, (1,), WEIGHT_DTYPE)
+        if self.dense_layers:
+            specs |= {moe_array(DENSE, s): spec(len(self.dense_layers), (self.d_ff_dense,), dtype) for s in sites}
+        return specs
+
+    def differences(self, other: MoELayout) -> list[str]:
+        """``field: stored X, model Y`` for every :data:`COMPARED` field that differs (self: the stored one)."""
+        return [f"{k}: stored {getattr(self, k)!r}, model {getattr(other, k)!r}" for k in self.COMPARED
+                if getattr(self, k) != getattr(other, k)]
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"kind": "moe", **d, "moe_layers": list(self.moe_layers), "dense_layers": list(self.dense_layers)}
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> MoELayout:
+        """Validate a manifest's ``moe`` record (or a layout description).
+
+        Raises:
+            ActsparseError: a missing or mistyped field, a size beyond its bound, layer lists that are not a
+                partition of the decoder layers, ``top_k`` above ``n_experts``, a shared-expert or dense width
+                without its counterpart.
+        """
+        w = f"{where} (moe)"
+        if not isinstance(d, dict) or d.get("kind") != "moe":
+            raise ActsparseError(f"{where}: manifest field 'moe' is not a mixture-of-experts layout")
+        n_layers = _bounded(d, "n_layers", 1, MAX_LAYERS, w)
+
+        def layer_list(key: str) -> tuple[int, ...]:
+            v = d.get(key)
+            if not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+                raise ActsparseError(f"{w}: manifest field '{key}' is not a list of layer indices")
+            return tuple(v)
+
+        moe_layers, dense_layers = layer_list("moe_layers"), layer_list("dense_layers")
+        if not moe_layers or sorted(moe_layers + dense_layers) != list(range(n_layers)) \
+                or list(moe_layers) != sorted(moe_layers) or list(dense_layers) != sorted(dense_layers):
+            raise ActsparseError(f"{w}: moe_layers {list(moe_layers)} and dense_layers {list(dense_layers)} are not "
+                                 f"a partition of the {n_layers} decoder layers with at least one MoE layer")
+        n_experts = _bounded(d, "n_experts", 1, MAX_EXPERTS, w)
+        top_k = _bounded(d, "top_k", 1, n_experts, w)
+
+        def opt_width(key: str) -> int | None:
+            return None if d.get(key) is None else _bounded(d, key, 1, MAX_WIDTH, w)
+
+        d_shared, d_ff_dense = opt_width("d_shared"), opt_width("d_ff_dense")
+        shared_gate = _opt_str(d, "shared_gate")
+        if (d_shared is None) != (shared_gate is None) or (d_ff_dense is None) != (not dense_layers):
+            raise ActsparseError(f"{w}: d_shared {d_shared!r} / shared_gate {shared_gate!r} and d_ff_dense "
+                                 f"{d_ff_dense!r} / dense_layers {list(dense_layers)} do not match")
+        renormalized = d.get("renormalized")
+        if not isinstance(renormalized, bool):
+            raise ActsparseError(f"{w}: manifest field 'renormalized' is not a boolean")
+        return cls(model_class=_need(d, "model_class", str, w), block_class=_need(d, "block_class", str, w),
+                   experts_class=_need(d, "experts_class", str, w), activation=_need(d, "activation", str, w),
+                   n_layers=n_layers, moe_layers=moe_layers, dense_layers=dense_layers, n_experts=n_experts,
+                   top_k=top_k, d_model=_bounded(d, "d_model", 1, MAX_WIDTH, w),
+                   d_moe=_bounded(d, "d_moe", 1, MAX_WIDTH, w), d_shared=d_shared, shared_gate=shared_gate,
+                   d_ff_dense=d_ff_dense, renormalized=renormalized, layers_path=_opt_str(d, "layers_path") or "",
+                   block_name=_opt_str(d, "block_name") or "")
 
 
 @dataclass(frozen=True)
@@ -626,6 +835,8 @@ class Manifest:
     completed: str | None = None
     stats: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    moe: MoELayout | None = None
+    moe_arrays: dict[str, ArraySpec] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -633,8 +844,25 @@ class Manifest:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The stored sites, in the order they were stored."""
+        """The stored sites (``[layers, tokens, width]`` arrays over every decoder layer), in the order they
+        were stored; a mixture-of-experts run lists ``input``/``output`` here and the rest in ``moe_arrays``."""
         return tuple(self.arrays)
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """Every zarr array of ``activations.zarr``: the sites, then the mixture-of-experts arrays."""
+        return (*self.arrays, *self.moe_arrays)
+
+    def array_spec(self, name: str) -> ArraySpec:
+        """The record of one array of :attr:`array_names`.
+
+        Raises:
+            ActsparseError: the run has no such array.
+        """
+        spec = self.arrays.get(name) or self.moe_arrays.get(name)
+        if spec is None:
+            raise ActsparseError(f"run {self.run_id} has no array '{name}' (stored: {', '.join(self.array_names)})")
+        return spec
 
     @property
     def ffn(self) -> FFNInfo:
@@ -700,12 +928,16 @@ class Manifest:
         n_sequences = d.get("n_sequences", 1)
         if not isinstance(n_sequences, int) or isinstance(n_sequences, bool) or not 1 <= n_sequences <= n_tokens:
             raise ActsparseError(f"{where}: manifest field 'n_sequences' is {n_sequences!r}, not in [1, n_tokens]")
-        if not d["arrays"]:
+        if not d["arrays"] and not d.get("moe_arrays"):
             raise ActsparseError(f"{where}: manifest lists no arrays")
+        moe = MoELayout.from_dict(d["moe"], where) if d.get("moe") is not None else None
         arrays = {}
         for site, spec in d["arrays"].items():
             if site not in SITES:
                 raise ActsparseError(f"{where}: manifest names unknown site {site!r}")
+            if moe is not None and site not in ("input", "output"):
+                raise ActsparseError(f"{where}: a mixture-of-experts run lists site {site!r} among its arrays "
+                                     "(its expert sites are moe_arrays)")
             a = ArraySpec.from_dict(spec, f"{where}: array {site}")
             want = ArraySpec.for_site(model.ffn.n_layers, n_tokens, chunk_tokens, model.ffn.width(site),
                                       a.logical_dtype)
@@ -714,11 +946,13 @@ class Manifest:
                                      f"shards {list(a.shards)}; the manifest's layers, tokens and widths give "
                                      f"{list(want.shape)}, {list(want.chunks)}, {list(want.shards)}")
             arrays[site] = a
+        moe_arrays = _moe_arrays(d, moe, model.ffn, n_tokens, chunk_tokens, where)
         dicts = {k: d[k] if isinstance(d.get(k), dict) else {} for k in ("identity", "tokenization", "versions",
                                                                             "stats")}
         return cls(run_id=run_id, status=status, created=str(d.get("created", "")), config=d["config"], model=model,
                    corpus=corpus, arrays=arrays, n_tokens=n_tokens, n_sequences=n_sequences, chunk_tokens=chunk_tokens,
-                   completed=_opt_str(d, "completed"), format_version=version, **dicts)
+                   completed=_opt_str(d, "completed"), format_version=version, moe=moe, moe_arrays=moe_arrays,
+                   **dicts)
 
     @classmethod
     def from_json(cls, raw: bytes | str, where: str) -> Manifest:
@@ -743,6 +977,9 @@ class Manifest:
                  corpus=dataclasses.asdict(self.corpus), tokenization=self.tokenization,
                  arrays={s: a.to_dict() for s, a in self.arrays.items()}, n_tokens=self.n_tokens,
                  n_sequences=self.n_sequences, chunk_tokens=self.chunk_tokens, versions=self.versions)
+        if self.moe is not None:
+            d["moe"] = self.moe.to_dict()
+            d["moe_arrays"] = {name: a.to_dict() for name, a in self.moe_arrays.items()}
         if self.completed is not None:
             d["completed"] = self.completed
         if self.stats:
@@ -760,4 +997,44 @@ class Manifest:
             n_sequences=self.n_sequences, seq_len=self.seq_len, stored_dtype=self.stored_dtype,
             compute_dtype=self.compute_dtype, created=self.created, completed=self.completed,
             bytes=self.stats.get("bytes_on_disk"), n_params=self.model.n_params, model_type=self.model.model_type,
+            n_experts=self.moe.n_experts if self.moe else None, top_k=self.moe.top_k if self.moe else None,
         )
+
+
+def _moe_arrays(d: dict, moe: MoELayout | None, ffn: FFNInfo, n_tokens: int, chunk_tokens: int,
+                where: str) -> dict[str, ArraySpec]:
+    """The validated ``moe_arrays`` of a manifest: each one's record equal to what the layout, the token count
+    and the chunk size give (:meth:`MoELayout.array_specs`), the routing arrays present, none without a layout.
+
+    Raises:
+        ActsparseError: naming the array, or the layout field that disagrees with ``model.ffn``.
+    """
+    raw = d.get("moe_arrays") or {}
+    if moe is None:
+        if raw:
+            raise ActsparseError(f"{where}: manifest lists moe_arrays but no moe layout")
+        return {}
+    if not isinstance(raw, dict):
+        raise ActsparseError(f"{where}: manifest field 'moe_arrays' is not an object")
+    if (moe.n_layers, moe.d_model) != (ffn.n_layers, ffn.d_model):
+        raise ActsparseError(f"{where}: the moe layout has {moe.n_layers} layers of width {moe.d_model}, model.ffn "
+                             f"{ffn.n_layers} of width {ffn.d_model}")
+    out = {}
+    for name, spec in raw.items():
+        a = ArraySpec.from_dict(spec, f"{where}: array {name}", ndims=(3, 4), dtypes=(*STORED_DTYPES, INDEX_DTYPE))
+        site_dtype = a.logical_dtype if a.logical_dtype in STORED_DTYPES else WEIGHT_DTYPE  # ids are never sites
+        want = moe.array_specs(EXPERT_SITES, n_tokens, chunk_tokens, site_dtype).get(name)
+        if want is None or want.logical_dtype != a.logical_dtype:
+            raise ActsparseError(f"{where}: manifest names unknown mixture-of-experts array {name!r} "
+                                 f"(or with dtype {a.logical_dtype})")
+        if a != want:
+            raise ActsparseError(f"{where}: array {name} has shape {list(a.shape)}, chunks {list(a.chunks)}, shards "
+                                 f"{list(a.shards)}; the moe layout, tokens and chunk size give {list(want.shape)}, "
+                                 f"{list(want.chunks)}, {list(want.shards)}")
+        out[name] = a
+    missing = [n for n in (moe_array(ROUTED, EXPERT_ID), moe_array(ROUTED, ROUTING_WEIGHT)) if n not in out]
+    if moe.d_shared is not None and moe_array(SHARED, ROUTING_WEIGHT) not in out:
+        missing.append(moe_array(SHARED, ROUTING_WEIGHT))
+    if missing:
+        raise ActsparseError(f"{where}: a mixture-of-experts run without its array(s) {', '.join(missing)}")
+    return out

@@ -1,8 +1,10 @@
 """The activation arrays of a run: creating them (zarr v3, sharded) and writing whole shards into them.
 
 One array per site, ``[layers, tokens, width]``, chunks ``(1, T, width)`` and shards ``(layers, T, width)``
-(``actsparse.core.format.ArraySpec``). Shards are written whole, by one writer each (docs/pitfalls.md P7),
-through ``actsparse.pipeline.shards.ShardWriter`` where the array has the layout it reproduces.
+(``actsparse.core.format.ArraySpec``); the mixture-of-experts arrays (``routed/gate``, …) the same, with
+the dimensions after the token axis whole in every chunk. Shards are written whole, by one writer each
+(docs/pitfalls.md P7), through ``actsparse.pipeline.shards.ShardWriter`` where the array has the layout it
+reproduces.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def single_threaded_blosc():
 
 
 def create_arrays(act_dir: Path, specs: dict[str, fmt.ArraySpec]) -> dict:
-    """Open (creating where missing) the zarr array of every site of ``specs`` under ``act_dir``.
+    """Open (creating where missing) the zarr array of every site (or MoE array name) of ``specs`` under ``act_dir``.
 
     Returns ``{site: zarr array}`` configured to skip zarr's empty-chunk scan (activations are never all
     fill value; the scan costs ~2x the encode time).
@@ -71,7 +73,7 @@ def create_arrays(act_dir: Path, specs: dict[str, fmt.ArraySpec]) -> dict:
             arr = group.create_array(
                 site, shape=spec.shape, dtype=spec.numpy_dtype, chunks=spec.chunks, shards=spec.shards,
                 compressors=compressor(np.dtype(spec.numpy_dtype).itemsize), fill_value=0,
-                dimension_names=("layer", "token", "feature"),
+                dimension_names=fmt.dimension_names(site),
                 attributes=dict(logical_dtype=spec.logical_dtype, site=site),
             )
         arrays[site] = arr.with_config({"write_empty_chunks": True})
@@ -79,7 +81,7 @@ def create_arrays(act_dir: Path, specs: dict[str, fmt.ArraySpec]) -> dict:
 
 
 def shard_writes(arrays: dict, act_dir: Path, chunk_tokens: int) -> dict[str, ShardWrite]:
-    """``{site: write(k, block)}``: shard k of a site from ``block`` ``[layers, n, width]``, through
+    """``{site: write(k, block)}``: shard k of a site from ``block`` ``[layers, n, *inner]``, through
     ``actsparse.pipeline.shards.ShardWriter`` (the same bytes for about half zarr's CPU) where the array's
     layout is the one it reproduces, else through zarr."""
     from actsparse.pipeline.shards import ShardWriter

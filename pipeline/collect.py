@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import gc
+import math
 import platform
 import queue
 import threading
@@ -42,13 +43,11 @@ from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_e
 from actsparse.core.progress import ProgressFactory
 from actsparse.core.vocab import SITES
 from actsparse.pipeline.arrays import create_arrays, shard_writes, single_threaded_blosc
+from actsparse.pipeline.capture import DenseCapture, MoECapture, check_resumable, resolve_capture
 from actsparse.pipeline.corpora import Corpus, open_corpus
 from actsparse.pipeline.device import AUTO, ShardCopier, declared_dtype, forward_dtype, resolve_device, to_device
 from actsparse.pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from actsparse.pipeline.recorder import SiteRecorder
-from actsparse.pipeline.sites import FFNArchitecture, resolve_ffn
 from actsparse.pipeline.store_root import create_store, write_catalogue
-from actsparse.pipeline.weights import weights_id, write_weights
 from actsparse.pipeline.windows import Window, batches, iter_windows, pad_batch
 from actsparse.pipeline.writer import ShardJob, ShardPool, Writer
 
@@ -272,17 +271,22 @@ def completed_shards(run_dir: Path, n: int) -> set[int]:
 
 @dataclass
 class PreparedRun:
-    """A run ready for :func:`collect_shards`: its plan, store paths, loaded model, resolved FFN, manifest
-    (as written, ``incomplete``) and open arrays. A run opened only to be finished (:func:`opened_for_finish`)
-    has no model, FFN or arrays."""
+    """A run ready for :func:`collect_shards`: its plan, store paths, loaded model, capture strategy (the resolved
+    FFN: ``pipeline.capture``), manifest (as written, ``incomplete``) and open arrays. A run opened only to be
+    finished (:func:`opened_for_finish`) has no model, capture or arrays."""
 
     plan: Plan
     paths: fmt.StorePaths
     run_dir: Path
     model: object
-    arch: FFNArchitecture
+    capture: DenseCapture | MoECapture
     manifest: fmt.Manifest
     arrays: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def arch(self):
+        """The resolved FFN (``pipeline.sites.FFNArchitecture`` or ``pipeline.moe.MoEArchitecture``)."""
+        return self.capture.arch
 
 
 def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, model=None) -> PreparedRun:
@@ -292,29 +296,26 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, m
     ``model`` is the plan's model already loaded on its device (a cluster worker keeps one between runs).
 
     Raises:
-        ActsparseError: the model cannot be loaded or resolved, or lacks a site the config asks for.
+        ActsparseError: the model cannot be loaded or resolved (an unsupported mixture-of-experts layout is
+            named), lacks a site the config asks for, or is resumed with another MoE layout.
     """
     import pyarrow as pa
 
     cfg = p.cfg
     if model is None:
         model = to_device(load_model(p.resolved, cfg.compute_dtype), p.device)
-    arch = resolve_ffn(model)
-    unsupported = [s for s in cfg.sites if s not in arch.sites]
-    if unsupported:
-        raise ActsparseError(f"site(s) {', '.join(unsupported)} do not exist in {type(model).__name__} "
-                             f"({arch.pattern} FFN has {', '.join(arch.sites)})")
-    wid = weights_id(p.resolved.weights_sha256, arch, cfg.compute_dtype)
-    write_weights(paths, wid, arch)
+    capture = resolve_capture(model)
+    capture.check_sites(cfg.sites, type(model).__name__)
     run_dir = paths.run_dir(p.run_id)
-    n_layers = len(arch.layers)
-    specs = {s: fmt.ArraySpec.for_site(n_layers, p.n_tokens, cfg.chunk_tokens, arch.d_model if s in ("input", "output")
-                                       else arch.d_ff, cfg.dtype) for s in cfg.sites}
-    arrays = create_arrays(run_dir / fmt.ACTIVATIONS, specs)
+    check_resumable(_read_manifest(run_dir), capture)
+    wid = capture.weights_id(p.resolved.weights_sha256, cfg.compute_dtype)
+    capture.write_weights(paths, wid)
+    specs, moe_specs = capture.array_specs(cfg.sites, p.n_tokens, cfg.chunk_tokens, cfg.dtype)
+    arrays = create_arrays(run_dir / fmt.ACTIVATIONS, specs | moe_specs)
     tok = p.tokenizer
     manifest = fmt.Manifest(
         run_id=p.run_id, status="incomplete", created=created or _now(), config=dataclasses.asdict(cfg),
-        identity=p.identity, model=_model_info(p.resolved, model, tok, arch, wid),
+        identity=p.identity, model=_model_info(p.resolved, model, tok, capture.ffn_info(), wid),
         corpus=fmt.CorpusInfo(spec=p.corpus.spec, name=p.corpus.name, sha256=p.corpus.sha256,
                               license=p.corpus.license, description=p.corpus.description,
                               n_documents=len(p.corpus.split(cfg.split))),
@@ -322,7 +323,7 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, m
                           padding="none stored (right-padded batches, attention-mask selected)",
                           special="BOS and tokenizer special ids flagged in tokens.special"),
         arrays=specs, n_tokens=p.n_tokens, n_sequences=len(p.windows), chunk_tokens=cfg.chunk_tokens,
-        versions=_versions(),
+        versions=_versions(), moe=capture.moe, moe_arrays=moe_specs,
     )
     atomic_write_json(run_dir / fmt.MANIFEST, manifest.to_dict())
     docs = p.corpus.split(cfg.split)
@@ -330,7 +331,7 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, m
         document_id=pa.array([d.doc_id for d in docs], pa.int32()), key=[d.key for d in docs],
         split=[d.split for d in docs], n_chars=pa.array([len(d.text) for d in docs], pa.int64())),
         schema=fmt.arrow_schema(fmt.DOCUMENTS_COLUMNS)))
-    return PreparedRun(p, paths, run_dir, model, arch, manifest, arrays)
+    return PreparedRun(p, paths, run_dir, model, capture, manifest, arrays)
 
 
 def ensure_prepared(p: Plan, paths: fmt.StorePaths, *, model=None) -> PreparedRun:
@@ -381,13 +382,13 @@ def _versions() -> dict:
                 pyarrow=pyarrow.__version__, duckdb=duckdb.__version__, polars=polars.__version__)
 
 
-def _model_info(resolved: ResolvedModel, model, tok, arch: FFNArchitecture, wid: str) -> fmt.ModelInfo:
+def _model_info(resolved: ResolvedModel, model, tok, ffn: fmt.FFNInfo, wid: str) -> fmt.ModelInfo:
     cfg = model.config
     return fmt.ModelInfo(
         spec=resolved.spec, name=resolved.name, source=resolved.source, license=resolved.license,
         weights_sha256=resolved.weights_sha256, weights_id=wid, architecture=type(model).__name__,
         model_type=cfg.model_type, max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
-        vocab_size=getattr(cfg, "vocab_size", None), ffn=fmt.FFNInfo(**arch.describe()),
+        vocab_size=getattr(cfg, "vocab_size", None), ffn=ffn,
         # parameters of the loaded model, tied embeddings counted once (parameters() skips shared tensors)
         n_params=sum(p.numel() for p in model.parameters()),
         tokenizer=dict(cls=type(tok).__name__, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -425,27 +426,32 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
     if not wanted:
         return timings
     on_shard = statistics.for_run(run.run_dir, run.manifest) if statistics is not None else None
-    n_layers = len(run.arch.layers)
+    specs = run.manifest.arrays | run.manifest.moe_arrays
+    logical = {name: spec.logical_dtype for name, spec in specs.items()}
+    route = run.capture.route
     max_batch = max(sum(len(w.token_ids) for w in batch) for batch in batches(p.windows, cfg.batch_size))
     # a batch fills at most ceil(max_batch / T) + 1 shards at once (one carried over); that many sets
-    # always progress, as the writer releases every set the main thread does not hold
-    pool = ShardPool({s: (n_layers, T, run.manifest.arrays[s].width) for s in cfg.sites},
-                     fmt.numpy_dtype(cfg.dtype), size=-(-max_batch // T) + 1)
+    # always progress, as the writer releases every set the main thread does not hold. A buffer holds an
+    # array's shard as [index, T, row] (a MoE slot array's [k, d_moe] flattened), reshaped when written.
+    pool = ShardPool({name: (spec.shape[0], T, math.prod(spec.inner)) for name, spec in specs.items()},
+                     {name: spec.numpy_dtype for name, spec in specs.items()}, size=-(-max_batch // T) + 1)
     writer = Writer(run.run_dir, shard_writes(run.arrays, run.run_dir / fmt.ACTIVATIONS, T), pool)
-    copier = ShardCopier(cfg.dtype, staged=p.device != "cpu")
+    copier = ShardCopier(logical, staged=p.device != "cpu")
     writer.start()
     filling: dict[int, dict[str, np.ndarray]] = {}  # shard -> its buffers {site: [layers, T, width]}
     rows: dict[int, dict[str, list]] = {}  # shard -> its token rows so far
     segments: list[tuple[dict, int, int, int]] = []  # (shard buffers, batch row, shard row, rows) per batch
-    keep_rows = None
+    keep_rows, n_rows = None, 0
 
-    def sink(site: str, layer: int, t) -> None:
-        # [batch, seq, w] (or OPT's flattened [batch * seq, w]) -> the valid rows, converted and copied
-        # into their shards' buffers in one pass (on CUDA: staged off the device, see ShardCopier)
-        flat = t.reshape(-1, t.shape[-1])
+    def sink(name: str, layer: int, t) -> None:
+        # tokens first ([batch, seq, ...] or [batch * seq, ...]: OPT, MoE blocks) -> [batch * seq, row] -> the
+        # valid rows, converted and copied into their shards' buffers in one pass (on CUDA: staged off the
+        # device, see ShardCopier)
+        key, index = route(name, layer)
+        flat = t.reshape(n_rows, -1)
         if keep_rows is not None:
             flat = flat.index_select(0, keep_rows)
-        copier(site, layer, flat, segments)
+        copier(key, index, flat, segments, where=f"site {name} layer {layer}")
 
     def ship(upto: int) -> None:
         """Hand every filled shard whose tokens all lie before ``upto`` to the writer, in order."""
@@ -454,10 +460,12 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
             if k * T + n > upto:
                 break
             bufs = filling.pop(k)
-            blocks, typed = {s: bufs[s][:, :n] for s in cfg.sites}, _typed_rows(rows.pop(k))
+            blocks = {name: bufs[name][:, :n].reshape(spec.shape[0], n, *spec.inner) for name, spec in specs.items()}
+            typed = _typed_rows(rows.pop(k))
             # between forward passes, not on the writer: beside the forward pass, extra CPU work costs
             # about twice its time, as the forward's OpenMP threads spin at barriers (BENCHMARKS.md)
-            extra = on_shard(k, blocks, typed) if on_shard is not None else None
+            extra = (on_shard(k, {s: blocks[s] for s in run.manifest.arrays}, typed) if on_shard is not None
+                     else None)
             writer.put(ShardJob(k, blocks, typed, bufs, extra))
 
     def free_set() -> dict[str, np.ndarray]:
@@ -478,7 +486,7 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
     # them on every full collection the loop's allocations trigger (~8% of collection CPU, measured).
     gc.freeze()
     try:
-        with SiteRecorder(run.arch, cfg.sites, sink) as rec:
+        with run.capture.recorder(cfg.sites, sink) as rec:
             for batch in batches(p.windows, cfg.batch_size):
                 lo = cursor
                 hi = cursor = lo + sum(len(w.token_ids) for w in batch)
@@ -496,6 +504,7 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
                 ids, attn = pad_batch(batch, pad_id)
                 # attention-mask positions, never `ids != pad_id` (docs/pitfalls.md P3)
                 valid = attn.reshape(-1).bool()
+                n_rows = valid.numel()
                 keep_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1).to(p.device)
                 _forward_batch(run.model, ids.to(p.device), attn.to(p.device))
                 copier.flush()

@@ -10,7 +10,7 @@ batch: PyTorch's "pinned memory and non_blocking" notes, https://pytorch.org/tut
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -74,30 +74,38 @@ def to_device(model, device: str):
 class ShardCopier:
     """Copies the rows a hook captured into their shard buffers (``encode``: the stored dtype's numpy layout).
 
-    ``copier(site, layer, rows, segments)`` is called from the hooks with ``rows`` ``[tokens, width]`` (the
-    batch's valid rows, on the model's device) and the batch's segments; :meth:`flush` after the forward pass.
-    Unstaged (the CPU), each call converts into the buffers at once. Staged (CUDA), a call casts on the device
-    (to the stored dtype; float32 for a float16 store, so the overflow check sees the true peak) and starts a
-    non-blocking copy to pinned host memory; :meth:`flush` waits for the copies once and converts them.
+    ``copier(key, index, rows, segments)`` is called from the hooks with ``rows`` ``[tokens, row]`` (the
+    batch's valid rows, on the model's device) and the batch's segments: the rows go to
+    ``bufs[key][index, dst:dst + n]`` (key: a site, or a mixture-of-experts array; index: its layer);
+    :meth:`flush` after the forward pass. ``dtypes`` is the stored dtype of every key, or one mapping of key to
+    stored dtype. Unstaged (the CPU), each call converts into the buffers at once. Staged (CUDA), a call casts
+    on the device (to the stored dtype; float32 for a float16 store, so the overflow check sees the true peak)
+    and starts a non-blocking copy to pinned host memory; :meth:`flush` waits for the copies once and converts
+    them.
 
     Raises:
         ActsparseError: from ``encode``: a value beyond float16's range in a float16 store.
     """
 
-    def __init__(self, dtype: str, *, staged: bool):
-        self.dtype, self.staged = dtype, staged
-        self._pending: list[tuple[str, int, object, Segments]] = []
+    def __init__(self, dtypes: str | Mapping[str, str], *, staged: bool):
+        self.dtypes, self.staged = dtypes, staged
+        self._pending: list[tuple[str, int, object, Segments, str]] = []
 
-    def __call__(self, site: str, layer: int, rows, segments: Segments) -> None:
+    def _dtype(self, key: str) -> str:
+        return self.dtypes if isinstance(self.dtypes, str) else self.dtypes[key]
+
+    def __call__(self, key: str, index: int, rows, segments: Segments, where: str | None = None) -> None:
+        where = where or f"site {key} layer {index}"
         if not self.staged:
-            _into(rows, site, layer, segments, self.dtype)
+            _into(rows, key, index, segments, self._dtype(key), where)
             return
         import torch
 
-        stage = torch.float32 if self.dtype == "float16" else getattr(torch, self.dtype)
+        dtype = self._dtype(key)
+        stage = torch.float32 if dtype == "float16" else getattr(torch, dtype)
         # a copy on the device first: the hook's tensor may be reused by the forward pass
         host = rows.to(stage, copy=True).to("cpu", non_blocking=True)
-        self._pending.append((site, layer, host, segments))
+        self._pending.append((key, index, host, segments, where))
 
     def flush(self) -> None:
         """Wait for the staged copies and convert them into the shard buffers (a no-op when none is staged)."""
@@ -108,11 +116,11 @@ class ShardCopier:
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()
         pending, self._pending = self._pending, []
-        for site, layer, host, segments in pending:
-            _into(host, site, layer, segments, self.dtype)
+        for key, index, host, segments, where in pending:
+            _into(host, key, index, segments, self._dtype(key), where)
 
 
-def _into(rows, site: str, layer: int, segments: Segments, dtype: str) -> None:
+def _into(rows, key: str, index: int, segments: Segments, dtype: str, where: str) -> None:
     for bufs, src, dst, n in segments:
-        out: np.ndarray = bufs[site][layer, dst:dst + n]
-        encode(rows[src:src + n], dtype, where=f"site {site} layer {layer}", out=out)
+        out: np.ndarray = bufs[key][index, dst:dst + n]
+        encode(rows[src:src + n], dtype, where=where, out=out)

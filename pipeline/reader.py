@@ -246,11 +246,14 @@ class Run:
         return zarr.open_group(self._zarr_store(fmt.run_path(self.run_id, fmt.ACTIVATIONS)), mode="r", zarr_format=3)
 
     def array(self, site: str):
-        """The zarr array of a stored site, ``[layers, tokens, width]``.
+        """The zarr array of a stored site, ``[layers, tokens, width]``, or of a mixture-of-experts array
+        (``routed/gate``: ``actsparse.core.format.MoELayout.array_specs``).
 
         Raises:
             ActsparseError: the site was not stored in this run.
         """
+        if site in self.manifest.moe_arrays:
+            return self._arrays[site]
         if site not in self.sites:
             raise ActsparseError(f"run {self.run_id} has no site '{site}' (stored: {', '.join(self.sites)}); "
                                  f"collect it with --sites {','.join(sorted(set(self.sites) | {site}))}")
@@ -273,6 +276,40 @@ class Run:
                                  "`actsparse verify` checks the store") from e
         return decode(block, self.manifest.arrays[site].logical_dtype, to=to)
 
+    @property
+    def moe(self) -> fmt.MoELayout | None:
+        """The mixture-of-experts layout of the run's model, or None for a dense model."""
+        return self.manifest.moe
+
+    def read_moe(self, name: str, layer: int, start: int = 0, stop: int | None = None, *, to: str = "float32"):
+        """One decoder layer's tokens ``[start, stop)`` of a mixture-of-experts array (``routed/gate``,
+        ``routed/expert_id``, ``shared/weight``, ``dense/intermediate``; ``actsparse.core.format.MoELayout``) as a
+        torch tensor ``[n, *inner]``: float32 by default, ``native`` for the stored dtype; expert ids as int64.
+
+        Raises:
+            ActsparseError: not a mixture-of-experts run, no such array (naming the stored ones), a layer the
+                array does not cover (e.g. a dense layer of a routed array), or a shard that cannot be read.
+        """
+        if self.moe is None or name not in self.manifest.moe_arrays:
+            stored = ", ".join(self.manifest.moe_arrays) or "none: not a mixture-of-experts run"
+            raise ActsparseError(f"run {self.run_id} has no array '{name}' (mixture-of-experts arrays: {stored})")
+        group, index = self.moe.position(layer)
+        if (group == fmt.DENSE) != (name.split("/")[0] == fmt.DENSE):  # routed and shared arrays: MoE layers
+            raise ActsparseError(f"run {self.run_id}: layer {layer} is a {'dense' if group == fmt.DENSE else 'MoE'} "
+                                 f"layer; array {name} does not cover it")
+        try:
+            block = self._arrays[name][index, start:stop]
+        except (ValueError, RuntimeError, OSError) as e:  # zarr's crc32c check, blosc, the filesystem
+            raise ActsparseError(f"run {self.run_id}: cannot read {name} layer {layer} tokens {start}:"
+                                 f"{stop or self.n_tokens} ({type(e).__name__}); `actsparse verify` checks the store"
+                                 ) from e
+        logical = self.manifest.moe_arrays[name].logical_dtype
+        if logical == fmt.INDEX_DTYPE:
+            import torch
+
+            return torch.from_numpy(np.asarray(block).astype(np.int64))
+        return decode(block, logical, to=to)
+
     def blocks(self, site: str, layer: int, block_tokens: int | None = None) -> Iterator[tuple[int, object]]:
         """Yield ``(start, tensor [n, width])`` over the tokens, one stored chunk at a time."""
         step = block_tokens or self.chunk_tokens
@@ -291,6 +328,23 @@ class Run:
         float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
         of the intermediate target needs ``down`` only, a sweep without error none)."""
         return LayerWeights(self._weights, layer)
+
+    def expert_weights(self, layer: int) -> LayerWeights:
+        """The stored FFN weights of one decoder layer of a mixture-of-experts run, read lazily
+        (``pipeline.moe_weights``): for a MoE layer ``gate``/``up`` ``[E, d_moe, d_model]``, ``down``
+        ``[E, d_model, d_moe]``, ``router`` and, with a shared expert, ``shared_gate``/``shared_up``/
+        ``shared_down``/``shared_expert_gate``; for a dense layer ``gate``/``up``/``down`` as a dense GLU.
+
+        Raises:
+            ActsparseError: not a mixture-of-experts run, or not one of its decoder layers.
+        """
+        if self.moe is None:
+            raise ActsparseError(f"run {self.run_id} is not a mixture-of-experts run; its weights: Run.weights")
+        group, index = self.moe.position(layer)
+        prefix = "dense_" if group == fmt.DENSE else ""
+        names = {n.removeprefix(prefix): n for n in self._weights.array_keys()
+                 if n.startswith(prefix) and (prefix or not n.startswith("dense_"))}
+        return LayerWeights(self._weights, index, names)
 
     def tokens(self):
         """The token table as a polars DataFrame (``actsparse.core.format.TOKENS_COLUMNS``).
@@ -325,9 +379,11 @@ class LayerWeights(Mapping):
     names without reading anything.
     """
 
-    def __init__(self, group, layer: int):
+    def __init__(self, group, layer: int, names: Mapping[str, str] | None = None):
         self._group, self._layer = group, layer
-        self._names = tuple(sorted(group.array_keys()))
+        # the names this mapping offers -> the stored array names (a dense layer of a MoE run: dense_gate -> gate)
+        self._stored = dict(names) if names is not None else {n: n for n in group.array_keys()}
+        self._names = tuple(sorted(self._stored))
         self._loaded: dict = {}
         self._lock = Lock()
 
@@ -336,9 +392,9 @@ class LayerWeights(Mapping):
 
         with self._lock:
             if name not in self._loaded:
-                if name not in self._names:
+                if name not in self._stored:
                     raise KeyError(name)
-                self._loaded[name] = torch.from_numpy(np.asarray(self._group[name][self._layer]))
+                self._loaded[name] = torch.from_numpy(np.asarray(self._group[self._stored[name]][self._layer]))
             return self._loaded[name]
 
     def __iter__(self):

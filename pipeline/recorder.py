@@ -14,7 +14,38 @@ from actsparse.pipeline.sites import FFNArchitecture, FFNLayer
 Sink = Callable[[str, int, torch.Tensor], None]
 
 
-class SiteRecorder:
+class FireCounts:
+    """Fire counts per (site, layer) of a recorder's hooks, held in ``self._counts`` (docs/pitfalls.md P11: hooks
+    registered after ``torch.compile`` are skipped silently, so every hook's fires are checked)."""
+
+    _counts: dict[tuple[str, int], int]
+    _what = "hooks"  # what the error message calls them
+
+    @property
+    def counts(self) -> dict[tuple[str, int], int]:
+        """Fires per (site, layer index) since the last :meth:`reset_counts`."""
+        return dict(self._counts)
+
+    def reset_counts(self) -> None:
+        """Zero the fire counts, e.g. before each batch."""
+        self._counts = dict.fromkeys(self._counts, 0)
+
+    def check_fired(self, expected: int = 1) -> None:
+        """Check that every hook fired exactly ``expected`` times since :meth:`reset_counts`.
+
+        Raises:
+            ActsparseError: naming up to five (site, layer) hooks with another count (P11).
+        """
+        wrong = [(key, n) for key, n in self._counts.items() if n != expected]
+        if wrong:
+            shown = ", ".join(f"{site}@{layer}={n}" for (site, layer), n in wrong[:5])
+            raise ActsparseError(
+                f"{len(wrong)} of {len(self._counts)} {self._what} did not fire {expected} time(s) ({shown}); "
+                "hooks registered after torch.compile are skipped"
+            )
+
+
+class SiteRecorder(FireCounts):
     """Context manager that hooks the requested sites on every FFN layer.
 
     Each hook passes ``sink(site, layer_index, tensor)`` the captured tensor, detached but not
@@ -94,26 +125,3 @@ class SiteRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    @property
-    def counts(self) -> dict[tuple[str, int], int]:
-        """Fires per (site, layer index) since the last :meth:`reset_counts`."""
-        return dict(self._counts)
-
-    def reset_counts(self) -> None:
-        """Zero the fire counts, e.g. before each batch."""
-        self._counts = dict.fromkeys(self._counts, 0)
-
-    def check_fired(self, expected: int = 1) -> None:
-        """Check that every hook fired exactly ``expected`` times since :meth:`reset_counts`.
-
-        Raises:
-            ActsparseError: naming up to five (site, layer) hooks with another count (P11).
-        """
-        wrong = [(key, n) for key, n in self._counts.items() if n != expected]
-        if wrong:
-            shown = ", ".join(f"{site}@{layer}={n}" for (site, layer), n in wrong[:5])
-            raise ActsparseError(
-                f"{len(wrong)} of {len(self._counts)} hooks did not fire {expected} time(s) ({shown}); "
-                "hooks registered after torch.compile are skipped"
-            )

@@ -1,15 +1,16 @@
 """Whole-shard writes of the activation arrays without zarr's write path (the same bytes, about half the CPU).
 
-Collection writes every shard of an activation array whole (``[layers, T, width]``, docs/pitfalls.md P7). zarr's
+Collection writes every shard of an activation array whole (``[layers, T, *inner]``, e.g. ``[layers, T,
+width]`` or a mixture-of-experts slot array's ``[layers, T, k, d_moe]``; docs/pitfalls.md P7). zarr's
 own ``array[:, start:stop] = block`` spends more than the compression itself around it (chunk copies,
 per-chunk tasks on its event loop, buffer assembly): on a 90 MiB SmolLM2-135M shard, 0.23-0.36 s in a
 writer thread against 0.17 s here, of which 0.10 s is the compression (BENCHMARKS.md), CPU taken from
 the forward pass it runs beside.
 
 ``ShardWriter`` encodes the shard file itself, following the Zarr v3 ``sharding_indexed`` codec
-(zarr-specs, "Sharding codec"): the inner chunks ``[1, T, width]`` (one layer each) are encoded with
+(zarr-specs, "Sharding codec"): the inner chunks ``[1, T, *inner]`` (one layer each) are encoded with
 the array's inner codecs (little-endian bytes, then blosc) and laid end to end in Morton order (for
-a chunk grid of ``(layers, 1, 1)`` that is layer order), followed by the index: one ``(offset,
+a chunk grid of ``(layers, 1, ..., 1)`` that is layer order), followed by the index: one ``(offset,
 nbytes)`` uint64 little-endian pair per chunk, and the crc32c of that index (4 bytes, little-endian).
 An edge shard's chunks are padded with the fill value to the full chunk shape, as zarr does.
 
@@ -51,9 +52,9 @@ class ShardWriter:
     @classmethod
     def for_array(cls, arr, directory: Path) -> ShardWriter | None:
         """A writer for ``arr`` (a zarr v3 array stored in the local ``directory``), or None when its layout is not
-        the one this writer reproduces: shards ``[layers, T, width]`` spanning every layer and the whole
-        width, of ``[1, T, width]`` chunks, inner codecs bytes (little-endian) + blosc, index codecs
-        bytes + crc32c at the end, default chunk keys."""
+        the one this writer reproduces: shards ``[layers, T, *inner]`` spanning every layer and the whole of
+        every dimension after the token axis, of ``[1, T, *inner]`` chunks, inner codecs bytes
+        (little-endian) + blosc, index codecs bytes + crc32c at the end, default chunk keys."""
         try:  # the metadata as stored (JSON), not zarr's in-memory form of it
             meta = json.loads((Path(directory) / "zarr.json").read_text())
         except (OSError, ValueError):
@@ -69,7 +70,8 @@ class ShardWriter:
                 or len(inner) != 2 or inner[0] != _BYTES_LE or inner[1].get("name") != "blosc"
                 or not set(inner[1].get("configuration", {})) >= _BLOSC_KEYS
                 or inner[1]["configuration"]["shuffle"] not in _SHUFFLES
-                or grid is None or len(grid) != 3 or [grid[0], grid[2]] != [arr.shape[0], arr.shape[2]]
+                or grid is None or len(grid) != len(arr.shape) or len(grid) < 3
+                or [grid[0], *grid[2:]] != [arr.shape[0], *arr.shape[2:]]
                 or list(cfg.get("chunk_shape", ())) != [1, *grid[1:]]
                 or meta.get("chunk_key_encoding", {}).get("name") != "default"):
             return None
@@ -78,17 +80,19 @@ class ShardWriter:
                    inner[1]["configuration"])
 
     def encode(self, block: np.ndarray) -> list[bytes]:
-        """The bytes of one shard file holding ``block`` ``[layers, n <= T, width]``, in parts to be
+        """The bytes of one shard file holding ``block`` ``[layers, n <= T, *inner]``, in parts to be
         written one after the other (joining them would copy the shard once more)."""
         import google_crc32c
 
-        layers, t, width = self.shard_shape
-        if block.shape[0] != layers or block.shape[2] != width or not 0 < block.shape[1] <= t:
-            raise ValueError(f"a shard block is [{layers}, <= {t}, {width}], got {list(block.shape)}")
+        layers, t, *inner = self.shard_shape
+        if (block.ndim != len(self.shard_shape) or block.shape[0] != layers or list(block.shape[2:]) != inner
+                or not 0 < block.shape[1] <= t):
+            raise ValueError(f"a shard block is [{layers}, <= {t}, {', '.join(map(str, inner))}], "
+                             f"got {list(block.shape)}")
         if block.dtype != self.dtype:  # never a silent cast: bf16 is stored as uint16 bit patterns
             raise ValueError(f"a shard block of this array is {self.dtype}, got {block.dtype}")
         if block.shape[1] < t:  # an edge shard: full chunks padded with the fill value, as zarr writes them
-            full = np.full((layers, t, width), self.fill_value, dtype=self.dtype)
+            full = np.full(self.shard_shape, self.fill_value, dtype=self.dtype)
             full[:, : block.shape[1]] = block
             block = full
         block = np.ascontiguousarray(block, dtype=self.dtype)
@@ -102,14 +106,14 @@ class ShardWriter:
         return [*chunks, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")]
 
     def write(self, k: int, block: np.ndarray) -> None:
-        """Write shard ``k`` along the token axis (tokens ``[k*T, k*T + n)``) from ``block`` ``[layers, n, width]``.
+        """Write shard ``k`` along the token axis (tokens ``[k*T, k*T + n)``) from ``block`` ``[layers, n, *inner]``.
 
         Raises:
-            ValueError: a block that is not ``[layers, 1..T, width]`` of the array's dtype.
+            ValueError: a block that is not ``[layers, 1..T, *inner]`` of the array's dtype.
             OSError: the file cannot be written (the caller reports it as a disk error).
         """
         data = self.encode(block)
-        path = self.directory / self._key_of((0, k, 0))
+        path = self.directory / self._key_of((0, k, *([0] * (len(self.shard_shape) - 2))))
         path.parent.mkdir(parents=True, exist_ok=True)
         # a plain write, as zarr's LocalStore does: the token part written after it marks the shard complete
         with open(path, "wb", buffering=0) as f:

@@ -30,8 +30,9 @@ Module patterns, relative to the FFN root (``gate`` / ``up`` / ``down`` / ``act`
   ``intermediate.dense`` / - / ``output.dense`` / ``intermediate.intermediate_act_fn`` (BERT; the
   output site is before BERT's residual add and LayerNorm).
 
-Mixture-of-experts FFNs are refused: transformers v5 stores experts as stacked 3-D parameters
-that no module hook can split per expert (P2).
+Mixture-of-experts FFNs are refused here: transformers v5 stores experts as stacked 3-D parameters
+that no module hook can split per expert (P2); ``pipeline.moe`` resolves them and ``pipeline.moe_recorder``
+captures them through an experts implementation of its own.
 """
 
 from __future__ import annotations
@@ -204,11 +205,17 @@ def _refuse_moe(model_name: str, layers_path: str, layers: nn.ModuleList) -> Non
         if experts is not None:
             raise ActsparseError(
                 f"unsupported architecture {model_name}: {layers_path}.{i}.{experts} is a mixture-of-experts "
-                "FFN; only dense FFNs are supported (fused expert weights, docs/pitfalls.md P2)"
+                "FFN, not a dense one (fused expert weights, docs/pitfalls.md P2): resolve it with pipeline.moe"
             )
 
 
-def _activation_name(model: nn.Module, act: nn.Module, where: str) -> str:
+def layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's ``nn.ModuleList`` s of same-class layers, best first: inside ``model.get_decoder()``, then
+    the longest, then the shallowest path."""
+    return sorted(_homogeneous_lists(model), key=_rank(_decoder_prefix(model)))
+
+
+def activation_name(model: nn.Module, act: nn.Module, where: str) -> str:
     """The ACT2FN key that reproduces ``act``: the config's name if it matches, else a class match.
 
     Raises ActsparseError when no ACT2FN entry reproduces the module numerically.
@@ -263,7 +270,7 @@ def resolve_ffn(model: nn.Module) -> FFNArchitecture:
             activation that no ``transformers.activations.ACT2FN`` entry reproduces.
     """
     model_name = type(model).__name__
-    ranked = sorted(_homogeneous_lists(model), key=_rank(_decoder_prefix(model)))
+    ranked = layer_lists(model)
     if not ranked:
         raise ActsparseError(
             f"unsupported architecture {model_name}: no nn.ModuleList of same-class layers; "
@@ -323,7 +330,7 @@ def resolve_ffn(model: nn.Module) -> FFNArchitecture:
 
     return FFNArchitecture(
         pattern=first_pattern.kind,
-        activation=_activation_name(model, ffn_layers[0].act, f"{ffn_layers[0].path}.{names['act']}"),
+        activation=activation_name(model, ffn_layers[0].act, f"{ffn_layers[0].path}.{names['act']}"),
         d_model=d_model,
         d_ff=d_ff,
         layers=tuple(ffn_layers),

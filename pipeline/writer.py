@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +22,19 @@ from actsparse.pipeline.arrays import ShardWrite
 
 
 class ShardPool:
-    """Shard buffers ``{site: [layers, chunk_tokens, width]}`` recycled between the main and writer threads.
+    """Shard buffers ``{array: [layers, chunk_tokens, width]}`` recycled between the main and writer threads.
 
-    ``size`` sets are allocated up front and touched, so memory is bounded whatever the token count and the
-    loop never page-faults on them: first-touch faults of fresh buffers cost ~1 s per 4,096 SmolLM2-135M
-    tokens on a 2-core VM (BENCHMARKS.md). :meth:`take` blocks until the writer releases a set.
+    ``dtype`` is the numpy dtype of every buffer, or one per array. ``size`` sets are allocated up front and
+    touched, so memory is bounded whatever the token count and the loop never page-faults on them: first-touch
+    faults of fresh buffers cost ~1 s per 4,096 SmolLM2-135M tokens on a 2-core VM (BENCHMARKS.md).
+    :meth:`take` blocks until the writer releases a set.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, int, int]], dtype: str, size: int):
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], dtype: str | Mapping[str, str], size: int):
         self._free: queue.Queue = queue.Queue()
+        dtypes = dtype if isinstance(dtype, Mapping) else dict.fromkeys(shapes, dtype)
         for _ in range(size):
-            bufs = {s: np.empty(shape, dtype=dtype) for s, shape in shapes.items()}
+            bufs = {s: np.empty(shape, dtype=dtypes[s]) for s, shape in shapes.items()}
             for b in bufs.values():
                 b.fill(0)  # touch every page now (np.zeros would map them lazily)
             self._free.put(bufs)

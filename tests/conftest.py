@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TEXT, RangeHandler, build_tiny
+from tests.helpers import MOE_KINDS, TEXT, RangeHandler, build_tiny
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +89,26 @@ def serve(tmp_path):
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory) -> dict:
+    """Tiny random-init checkpoints of the mixture-of-experts families (``tests.helpers.MOE_KINDS``): Qwen2-MoE
+    with a shared expert, Qwen3-MoE with a dense first layer, OLMoE and Mixtral."""
+    root = tmp_path_factory.mktemp("moe-models")
+    return {kind: build_tiny(root / kind, kind) for kind in MOE_KINDS}
+
+
+@pytest.fixture(scope="session")
+def moe_store(tmp_path_factory, moe_checkpoints, text_corpus):
+    """One store with a float32 run of every MoE family, all six sites: ``(path, {kind: run_id})``. Tests that
+    change it work on a copy."""
+    from actsparse import CollectConfig, collect
+
+    path = tmp_path_factory.mktemp("moe-store") / "S"
+    ids = {kind: collect(CollectConfig(model=str(model), corpus=str(text_corpus), max_tokens=400, seq_len=64,
+                                       batch_size=2, chunk_tokens=128, dtype="float32",
+                                       sites=("input", "gate", "act", "up", "intermediate", "output")),
+                         path, progress=False, log=lambda m: None).run_id
+           for kind, model in moe_checkpoints.items()}
+    return path, ids

@@ -41,7 +41,7 @@ def build_tokenizer(out: Path):
 def build_tiny(out: Path, kind: str = "llama", seed: int = 0) -> Path:
     """Save a tiny random-init causal LM (+ tokenizer) as a local HF checkpoint directory."""
     import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2MoeConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     tok = build_tokenizer(out)
     vocab = len(tok)
@@ -54,10 +54,8 @@ def build_tiny(out: Path, kind: str = "llama", seed: int = 0) -> Path:
                                sliding_window=16)
     elif kind == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128)
-    elif kind == "qwen2moe":
-        cfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
-                             num_experts_per_tok=2, shared_expert_intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128)
+    elif kind in MOE_KINDS or kind == "gptoss":
+        cfg = moe_config(kind, vocab)
     else:
         raise ValueError(kind)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -65,6 +63,34 @@ def build_tiny(out: Path, kind: str = "llama", seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out)
     return out
+
+
+MOE_KINDS = ("qwen2moe", "qwen3moe", "olmoe", "mixtral")
+"""Tiny mixture-of-experts families: Qwen2-MoE (a shared expert), Qwen3-MoE (a dense first layer), OLMoE, Mixtral."""
+
+
+def moe_config(kind: str, vocab: int, top_k: int = 2, **extra):
+    """A tiny random-init mixture-of-experts config of ``kind`` (:data:`MOE_KINDS`, or ``gptoss``: a layout
+    actsparse refuses): 3 layers, d_model 32, 4 experts of width 16, top-``top_k`` routing."""
+    from transformers import GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=vocab, max_position_embeddings=128, initializer_range=0.2) | extra
+    if kind == "qwen2moe":
+        return Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=top_k,
+                              shared_expert_intermediate_size=24, **common)
+    if kind == "qwen3moe":
+        return Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=top_k,
+                              mlp_only_layers=[0], head_dim=8, norm_topk_prob=True, **common)
+    if kind == "olmoe":
+        return OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=top_k, **common)
+    if kind == "mixtral":
+        return MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=top_k, **common)
+    if kind == "gptoss":
+        # its YaRN rope (factor 32 over 4,096 positions) expects 131,072 positions; fewer only draw a warning
+        return GptOssConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=top_k, head_dim=8,
+                            **common | dict(num_hidden_layers=2, max_position_embeddings=131072))
+    raise ValueError(kind)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -35,7 +35,7 @@ from actsparse.core.files import atomic_write_parquet
 from actsparse.core.vocab import CALIBRATED_RULES
 
 
-def _ordered_map(fn, items: Sequence, workers: int):
+def ordered_map(fn, items: Sequence, workers: int):
     """``fn`` over ``items`` on ``workers`` threads, results in order, at most ``workers + 1`` in flight
     (bounded memory). numpy sorts and torch kernels release the GIL, so the threads use both cores."""
     from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +61,7 @@ class LayerMap(Protocol):
                  layer_done: Callable[[], None] | None) -> Rows: ...
 
 
-class _one_torch_thread:
+class one_torch_thread:
     """Run torch single-threaded per worker while the workers themselves use the cores."""
 
     def __enter__(self):
@@ -101,6 +101,10 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
         map_layers: computes the per-layer rows elsewhere (an executor's tasks, ``LayerMap``); None computes
             them here. The result is the same either way.
 
+    A mixture-of-experts run is swept by ``actsparse.analyze.moe.moe_curves``: the same rows (a layer's
+    sparsity counts all its experts' rows, its error is the MoE block output's), and per-expert rows cached
+    beside them (``actsparse.analyze.moe.expert_curves``).
+
     Returns:
         One row per (target, rule, value, layer) plus model-level rows with ``layer = -1``
         (dimension-weighted across hooks as the paper counts: sum sparse / sum total, docs/paper-notes.md
@@ -121,6 +125,14 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
     cfg = CurveConfig(tuple(targets), tuple(rules), dict(grids or {}), float(power), include_special,
                       with_error or "all-inputs" in targets, block_tokens)
     cfg.validate()
+    if run.moe is not None:  # a mixture-of-experts run: per layer and per expert (analyze.moe)
+        other = [r for r in cfg.rules if r not in ("top-p", "top-k", "max-p", "threshold")]
+        if other:
+            raise ActsparseError(f"rule(s) {', '.join(other)} are not defined on mixture-of-experts runs "
+                                 f"(choose top-p, top-k, max-p or threshold)")
+        from actsparse.analyze.moe.curves import moe_curves
+
+        return moe_curves(st, run, cfg, layers=layers, use_cache=use_cache, progress=progress)[0]
     for t in cfg.targets:
         required_sites(t, run.sites, run.manifest.ffn.glu)
     calibrated = [r for r in cfg.rules if r in CALIBRATED_RULES]
@@ -136,7 +148,7 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
     analysis_id = fmt.content_hash(cfg.ident())
     cached = use_cache and layers is None
     if cached:
-        df = _cached(st, run, analysis_id)
+        df = cached_result(st, run, analysis_id)
         if df is not None:
             return df
     plan = _plan(run, cfg, layers)
@@ -148,8 +160,8 @@ def compute_curves(store, run_id: str | None = None, *, targets: Sequence[str] =
                           None if progress is None else lambda: progress(run.n_tokens))
     df = _finish([row for key in plan.accs for row in rows[key]], analysis_id)
     if cached:
-        _save(st, run, fmt.result_file(fmt.CURVES, analysis_id), df)
-        _save_critical(st, run, df)
+        save_result(st, run, fmt.result_file(fmt.CURVES, analysis_id), df)
+        save_critical(st, run, df)
     return df
 
 
@@ -214,7 +226,7 @@ def _plan(run, cfg: CurveConfig, layers: Sequence[int] | None) -> _Plan:
 
 def _sweep(run, cfg: CurveConfig, plan: _Plan, progress: Callable[[int], None] | None) -> None:
     """Stream every block through the targets on worker threads and add the results to the accumulators."""
-    weights_of = _LayerWeights(run)
+    weights_of = LayerWeightCache(run)
     taus: dict = {}
     calib_rows = np.nonzero(plan.calib & plan.include)[0][:2048]  # bounded memory: enough entries for a quantile
     if any(r in CALIBRATED_RULES for r in cfg.rules):
@@ -236,27 +248,27 @@ def _sweep(run, cfg: CurveConfig, plan: _Plan, progress: Callable[[int], None] |
         return e - s, out
 
     workers = min(MAX_WORKERS, (os.cpu_count() or 1) + 1)
-    with _one_torch_thread():
-        for n, out in _ordered_map(work, plan.blocks, workers):
+    with one_torch_thread():
+        for n, out in ordered_map(work, plan.blocks, workers):
             for key, *args in out:
                 plan.accs[key].add(*args)
             if progress is not None:
                 progress(n)
 
 
-class _LayerWeights:
-    """``weights_of(layer)``: the stored weights of a layer, kept for the few layers in flight (blocks arrive
-    in layer order), shared by the worker threads."""
+class LayerWeightCache:
+    """``weights_of(layer)``: the stored weights of a layer (``read(layer)``, default ``run.weights``), kept for
+    the few layers in flight (blocks arrive in layer order), shared by the worker threads."""
 
-    def __init__(self, run):
-        self.run, self.cache, self.lock = run, {}, threading.Lock()
+    def __init__(self, run, read: Callable | None = None):
+        self.read, self.cache, self.lock = read or run.weights, {}, threading.Lock()
 
     def __call__(self, layer: int):
         with self.lock:
             if layer not in self.cache:
                 if len(self.cache) >= 4:
                     self.cache.pop(min(self.cache))
-                self.cache[layer] = self.run.weights(layer)
+                self.cache[layer] = self.read(layer)
             return self.cache[layer]
 
 
@@ -273,12 +285,12 @@ def _finish(rows: list[dict], analysis_id: str):
     import polars as pl
 
     df = pl.DataFrame(rows)
-    df = pl.concat([df.filter(pl.col("target") != "all-inputs/h"), _model_level(df)], how="diagonal_relaxed")
+    df = pl.concat([df.filter(pl.col("target") != "all-inputs/h"), model_level(df)], how="diagonal_relaxed")
     return df.with_columns(analysis_id=pl.lit(analysis_id), label=pl.lit("open-loop")).sort(
         ["target", "rule", "layer", "value"], descending=[False, False, False, True])
 
 
-def _cached(st, run, analysis_id: str):
+def cached_result(st, run, analysis_id: str):
     """A stored result of this analysis, or None; a result cached before critical rows were stored gets them."""
     import polars as pl
 
@@ -289,18 +301,18 @@ def _cached(st, run, analysis_id: str):
         df = pl.read_parquet(f)
     critical = st.path(fmt.result_base(run.run_id), fmt.result_file(fmt.CRITICAL, analysis_id))
     if st.is_local and not st.fs.exists(critical):
-        _save_critical(st, run, df)
+        save_critical(st, run, df)
     return df
 
 
-def _save_critical(st, run, df) -> None:
+def save_critical(st, run, df) -> None:
     """Store the open-loop critical sparsity of a cached analysis at the default tolerance beside it (the
     store's ``critical_sparsity`` table)."""
     import polars as pl
 
     analysis_id = df["analysis_id"][0]
     crit = critical_sparsity(df).with_columns(analysis_id=pl.lit(analysis_id))
-    _save(st, run, fmt.result_file(fmt.CRITICAL, analysis_id), crit)
+    save_result(st, run, fmt.result_file(fmt.CRITICAL, analysis_id), crit)
 
 
 def _needed(cfg: CurveConfig, run) -> list[str]:
@@ -312,7 +324,7 @@ def _needed(cfg: CurveConfig, run) -> list[str]:
     return need
 
 
-def _model_level(df):
+def model_level(df):
     """Model-level rows (layer -1): sparsity dimension-weighted over hooks (docs/paper-notes.md §1.4), errors averaged
     over layers. For all-inputs both hooks of a layer (x: d_model, h': d_ff) count with their widths."""
     import polars as pl
@@ -336,7 +348,7 @@ def _model_level(df):
             .with_columns(layer=pl.lit(-1, pl.Int64)))
 
 
-def _save(st, run, name: str, df) -> None:
+def save_result(st, run, name: str, df) -> None:
     """Write a result into the run's ``analysis/`` if the store is local and writable (remote stores: compute
     only), and record it in the run's checksums."""
     if not st.is_local:

@@ -42,26 +42,30 @@ def ranked_dtype(sites: SiteBlock, site: str) -> torch.Tensor:
     return sites[site].to(dtype) if dtype in (torch.bfloat16, torch.float16) else sites[site]
 
 
-def _ranked(sites: SiteBlock, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
-    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the ascending rank
-    order int64 or int32 [T, W] of ``sites[site]`` [T, W] (as ``linear_errors.linear_target_errors`` takes
-    it) for every value of ``rule``'s grid.
+def rank_block(a: torch.Tensor, rule: str, values: Sequence[float], power: float = 1.0, *, with_order: bool,
+               norms: torch.Tensor | None = None):
+    """Kept counts int64 [T, P], kept L1 fractions float64 [T, P] and (if asked) the ascending rank order
+    int64 or int32 [T, W] of a block ``a`` [T, W] (as ``linear_errors.linear_target_errors`` takes it) for
+    every value of ``rule`` (threshold: the taus).
 
-    The block is ranked in the dtype the model held it in (``ranked_dtype``), so thresholds (max-p's
-    ``p * max``, top-p's ``sorted[idx]``, a calibrated tau) are compared in that dtype, as the authors do.
-    Plain top-p on a 16-bit block takes the histogram path (``sweep.topp_histogram``: no sort, the order
-    is a counting partition by the thresholds found); the WINA rules sort by ``rules.wina_score`` with the
-    consuming weight's column norms (kept L1 stays |a|'s mass); everything else one ``sort_block``.
+    The block is ranked in the dtype it comes in (``ranked_dtype``: the dtype the model held it in), so
+    thresholds (max-p's ``p * max``, top-p's ``sorted[idx]``, a calibrated tau) are compared in that dtype,
+    as the authors do. Plain top-p on a 16-bit block takes the histogram path (``sweep.topp_histogram``: no
+    sort, the order is a counting partition by the thresholds found); the WINA rules sort by
+    ``rules.wina_score`` with ``norms``, the consuming weight's column norms float32 [W] (kept L1 stays
+    |a|'s mass); everything else one ``sort_block``.
+
+    Raises:
+        ActsparseError: a WINA rule without ``norms``.
     """
-    power = cfg.power if rule == "top-p" else 1.0
-    values = _values_for(rule, cfg.grid(rule), taus, key)
-    a = ranked_dtype(sites, site)
     if rule == "top-p" and power == 1.0:
         fast = S.topp_histogram(a, values, with_order=with_order)
         if fast is not None:
             return fast if with_order else (*fast, None)
     if rule in WEIGHTED_RULES:
-        sb = S.sort_block(R.wina_score(a, consumer_norms(sites.w, site)), with_order=True)
+        if norms is None:
+            raise ActsparseError(f"rule {rule} needs the consuming weight's column norms")
+        sb = S.sort_block(R.wina_score(a, norms), with_order=True)
         l1_cum = a.abs().gather(1, sb.order).cumsum(dim=-1, dtype=torch.float64)
         sb = dataclasses.replace(sb, l1_cum=l1_cum)
         counts = S.kept_counts(BASE_RULE[rule], sb, values)
@@ -69,6 +73,15 @@ def _ranked(sites: SiteBlock, site: str, rule: str, cfg: CurveConfig, taus: dict
     sb = S.sort_block(a, power, with_order=with_order)
     counts = S.kept_counts("threshold" if rule in CALIBRATED_RULES else rule, sb, values)
     return counts, S.kept_l1(sb, counts), (sb.order.flip(-1) if with_order else None)
+
+
+def _ranked(sites: SiteBlock, site: str, rule: str, cfg: CurveConfig, taus: dict, key, with_order: bool):
+    """:func:`rank_block` of ``sites[site]`` in the dtype the model held it in, for every value of ``rule``'s
+    grid (a calibrated rule: the taus of ``key``)."""
+    power = cfg.power if rule == "top-p" else 1.0
+    values = _values_for(rule, cfg.grid(rule), taus, key)
+    norms = consumer_norms(sites.w, site) if rule in WEIGHTED_RULES else None
+    return rank_block(ranked_dtype(sites, site), rule, values, power, with_order=with_order, norms=norms)
 
 
 def _mask(rule: str, a: torch.Tensor, value: float, power: float, norms: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,11 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
     Args:
         windows: polars DataFrame, one row per (value, window) with columns value, window, n_pred,
             n_valid, nll_sparse, nll_dense, correct_sparse, correct_dense, kl, hook_sparse (list of
-            zeroed-entry counts per hook, in ``hooks`` order). Every value must cover the same windows.
-        hooks: ``[{"layer", "site", "width"}]`` per hook.
+            zeroed-entry counts per hook, in ``hooks`` order) and, for a mixture-of-experts model, hook_rows
+            (the rows each hook saw; without it every hook sees every counted position). Every value must
+            cover the same windows.
+        hooks: ``[{"layer", "site", "width"}]`` per hook (MoE hooks also ``unit`` and ``expert``: the layers
+            table then has one row per layer and site, over all its experts).
         meta: columns repeated on every row (run_id, eval_id, target, rule, power, ...).
         n_boot, seed: bootstrap resamples of whole windows and the generator seed.
         threshold: the performance ratio defining critical sparsity.
@@ -77,7 +80,15 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
     widths = np.array([h["width"] for h in hooks], dtype=np.float64)
     sparse = hook_sparse.sum(axis=2)
     n_tok = n_pred.sum()
-    entries = n_valid.sum() * widths.sum()
+    counts = _resample_counts(n_win, n_boot, seed)  # [boot, windows]
+    hook_rows = _hook_rows(windows, n_val, n_win, len(hooks))
+    if hook_rows is None:  # every hook sees every counted position
+        entries = n_valid.sum() * widths.sum()
+        boot_entries = ((counts @ n_valid) * widths.sum())[:, None]
+    else:  # the authors' MoE counting: each hook over the rows routed to it (analyze.moe.counting)
+        window_entries = hook_rows @ widths  # [values, windows]
+        entries = window_entries.sum(axis=1)
+        boot_entries = counts @ window_entries.T
 
     point = dict(
         sparsity=sparse.sum(1) / entries, nll=nll_s.sum(1) / n_tok, top1_acc=cs.sum(1) / n_tok, kl=kl.sum(1) / n_tok,
@@ -85,10 +96,9 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
     )
     point["dnll"] = point["nll"] - point["dense_nll"]
 
-    counts = _resample_counts(n_win, n_boot, seed)  # [boot, windows]
     boot_tok = counts @ n_pred
     boot = dict(
-        sparsity=(counts @ sparse.T) / ((counts @ n_valid) * widths.sum())[:, None],
+        sparsity=(counts @ sparse.T) / boot_entries,
         acc_ratio=_ratio(counts @ cs.T, counts @ cd.T),
         dnll=(counts @ (nll_s - nll_d).T) / boot_tok[:, None],
     )
@@ -127,14 +137,42 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
     valid_total = n_valid.sum()
     for j, v in enumerate(values):
         per_hook = hook_sparse[j].sum(axis=0)
-        for h, hook in enumerate(hooks):
-            layer_rows.append(dict(meta, value=float(v), layer=int(hook["layer"]), hook=hook["site"],
-                                   width=int(hook["width"]), n_positions=int(valid_total),
-                                   sparsity=float(per_hook[h] / (valid_total * hook["width"]))))
-        layer_rows.append(dict(meta, value=float(v), layer=-1, hook="model", width=int(widths.sum()),
+        if hook_rows is None:
+            for h, hook in enumerate(hooks):
+                layer_rows.append(dict(meta, value=float(v), layer=int(hook["layer"]), hook=hook["site"],
+                                       width=int(hook["width"]), n_positions=int(valid_total),
+                                       sparsity=float(per_hook[h] / (valid_total * hook["width"]))))
+        else:
+            layer_rows += _grouped_layer_rows(meta, float(v), hooks, per_hook, hook_rows[j].sum(axis=0), valid_total)
+        width = widths.sum() if hook_rows is None else entries[j] / max(valid_total, 1)
+        layer_rows.append(dict(meta, value=float(v), layer=-1, hook="model", width=int(round(width)),
                                n_positions=int(valid_total), sparsity=float(point["sparsity"][j])))
     return (summary, pl.DataFrame(layer_rows, schema_overrides=strings),
             pl.DataFrame(critical, schema_overrides=strings))
+
+
+def _hook_rows(windows, n_val: int, n_win: int, n_hooks: int) -> np.ndarray | None:
+    """The rows each hook saw, float64 [values, windows, hooks], or None where every hook sees every counted
+    position (dense models: no ``hook_rows`` column, or only nulls)."""
+    if "hook_rows" not in windows.columns or windows["hook_rows"].null_count() == windows.height:
+        return None
+    return np.asarray(windows["hook_rows"].to_list(), dtype=np.float64).reshape(n_val, n_win, n_hooks)
+
+
+def _grouped_layer_rows(meta: dict, value: float, hooks: Sequence[dict], zeroed: np.ndarray, rows: np.ndarray,
+                        n_positions: float) -> list[dict]:
+    """One layers-table row per (layer, site) of a MoE model, over every expert, shared expert or dense FFN
+    hooked there: sparsity Σ zeroed / Σ rows · width, width the entries per counted position."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for h, hook in enumerate(hooks):
+        groups.setdefault((int(hook["layer"]), hook["site"]), []).append(h)
+    out = []
+    for (layer, site), idx in groups.items():
+        entries = float(sum(rows[h] * hooks[h]["width"] for h in idx))
+        out.append(dict(meta, value=value, layer=layer, hook=site, width=int(round(entries / max(n_positions, 1))),
+                        n_positions=int(n_positions),
+                        sparsity=float(sum(zeroed[h] for h in idx) / entries) if entries else math.nan))
+    return out
 
 
 def _crossing(sparsity, ratio, values, threshold: float) -> tuple[float, float, float]:

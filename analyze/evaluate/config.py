@@ -99,7 +99,8 @@ class Evaluation:
 
     ``summary``, ``layers`` and ``critical`` are polars DataFrames as stored (module docstring);
     they cover every grid value evaluated under ``eval_id`` so far, not only this call's.
-    ``computed`` and ``reused`` list this call's grid values by what happened to them.
+    ``computed`` and ``reused`` list this call's grid values by what happened to them. ``experts`` is the
+    per-expert table of a mixture-of-experts model (``actsparse.core.format.EVALUATION_EXPERTS``), else None.
     """
 
     eval_id: str
@@ -110,6 +111,7 @@ class Evaluation:
     critical: object
     computed: list[float] = field(default_factory=list)
     reused: list[float] = field(default_factory=list)
+    experts: object = None
 
 
 def eval_identity(cfg: EvalConfig, weights_sha256: str, corpus_sha256: str, run_id: str | None = None) -> dict:

@@ -24,15 +24,17 @@ from actsparse.analyze.evaluate.config import (
     Evaluation,
     eval_identity,
 )
+from actsparse.analyze.evaluate.experts import expert_table
 from actsparse.analyze.evaluate.lm import Batch, LMHead, make_batch, token_metrics
 from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, done_values
 from actsparse.analyze.sparsifier import Sparsifier, hook_points, per_hook
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_error, exclusive_lock
-from actsparse.core.vocab import CALIBRATED_RULES
+from actsparse.core.vocab import CALIBRATED_RULES, WEIGHTED_RULES
 
-WINDOW_COLUMNS = tuple(c for c, _ in fmt.EVALUATION_VALUE_COLUMNS if c != "value")
+# hook_rows only for mixture-of-experts models, whose expert hooks see only the rows routed to them
+WINDOW_COLUMNS = tuple(c for c, _ in fmt.EVALUATION_VALUE_COLUMNS if c not in ("value", "hook_rows"))
 
 
 def evaluate(cfg: EvalConfig, store: str | Path | None = None, run: str | None = None, *, n_boot: int = N_BOOT,
@@ -95,6 +97,7 @@ class _Job:
     identity: dict
     meta: dict
     store: object = None
+    moe: fmt.MoELayout | None = None  # the run's, checked against the model's (a changed top-k is refused)
 
 
 def hook_values(job: _Job, arch, values: Sequence[float]) -> dict[float, float | list[float]]:
@@ -173,7 +176,8 @@ def _plan(cfg: EvalConfig, store, run: str | None) -> _Job:
     rule = f"{cfg.rule}/allocated" if cfg.allocation is not None else cfg.rule
     meta = dict(run_id=run_id, eval_id=eval_id, model=cfg.model, corpus=corpus.spec, split=SPLIT,
                 target=cfg.target, rule=rule, power=cfg.power)
-    return _Job(cfg, resolved, batches, run_id, eval_id, identity, meta, store)
+    return _Job(cfg, resolved, batches, run_id, eval_id, identity, meta, store,
+                manifest.moe if manifest is not None else None)
 
 
 def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log: Callable[[str], None], *,
@@ -186,14 +190,12 @@ def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log:
     import polars as pl
 
     from actsparse.pipeline.models import load_model
-    from actsparse.pipeline.sites import resolve_ffn
 
     if not values:
         return [], hooks, []
     cfg = job.cfg
     model = load_model(job.resolved, cfg.compute_dtype)
-    arch = resolve_ffn(model)
-    hooks = [dict(layer=p.layer, site=p.site, width=p.width) for p in hook_points(arch, cfg.target)]
+    arch, hooks = _resolve(model, job)
     applied = hook_values(job, arch, values)
     head = LMHead(model, cfg.model)
     if parts is not None:
@@ -208,7 +210,7 @@ def _run_values(job: _Job, values: Sequence[float], dense_cache_bytes: int, log:
             cols = _sparse_pass(job, head, arch, v, applied[float(v)], dense)
             frame = pl.DataFrame(dict(value=[float(v)] * len(cols["window"]), **cols), schema_overrides=dict(
                 window=pl.Int64, n_pred=pl.Int64, n_valid=pl.Int64, correct_sparse=pl.Int64, correct_dense=pl.Int64,
-                hook_sparse=pl.List(pl.Int64)))
+                hook_sparse=pl.List(pl.Int64), hook_rows=pl.List(pl.Int64)))
             if parts is not None:
                 path = parts / fmt.value_part(v)
                 atomic_write_parquet(path, frame.to_arrow())
@@ -266,12 +268,48 @@ def _dense_pass(job: _Job, head: LMHead, dense_cache_bytes: int, log: Callable[[
     return dense
 
 
+def _resolve(model, job: _Job) -> tuple[object, list[dict]]:
+    """The model's FFNs and the hook list of the evaluation: a dense FFN's hooks per layer and site, or a
+    mixture-of-experts model's per layer, unit, expert and site (its layout checked against the run's)."""
+    from actsparse.pipeline.moe import check_layout, has_experts, resolve_moe
+    from actsparse.pipeline.sites import resolve_ffn
+
+    if has_experts(model):
+        from actsparse.analyze.moe_sparsifier import hook_points as moe_hook_points
+
+        cfg = job.cfg
+        if cfg.rule in CALIBRATED_RULES or cfg.rule in WEIGHTED_RULES or cfg.allocation is not None:
+            raise ActsparseError(f"closed loop on a mixture-of-experts model takes one rule value for every expert "
+                                 f"(top-p, top-k or max-p); {cfg.rule}{' with an allocation' if cfg.allocation else ''}"
+                                 f" is not supported there")
+        arch = resolve_moe(model)
+        if job.run_id is not None:
+            check_layout(job.moe, arch, f"run {job.run_id}")
+        return arch, [p.describe() for p in moe_hook_points(arch, job.cfg.target)]
+    arch = resolve_ffn(model)
+    return arch, [dict(layer=p.layer, site=p.site, width=p.width) for p in hook_points(arch, job.cfg.target)]
+
+
+def _sparsifier(arch, cfg: EvalConfig, value: float | list[float]):
+    """``analyze.sparsifier.Sparsifier`` applying ``value`` (one for every hook, or one per hook point), or
+    ``analyze.moe_sparsifier.MoESparsifier`` for a MoE model (one value: ``_resolve`` refuses the others)."""
+    from actsparse.pipeline.moe import MoEArchitecture
+
+    if isinstance(arch, MoEArchitecture):
+        from actsparse.analyze.moe_sparsifier import MoESparsifier
+
+        return MoESparsifier(arch, cfg.target, cfg.rule, value, power=cfg.power)
+    return Sparsifier(arch, cfg.target, cfg.rule, value, power=cfg.power)
+
+
 def _sparse_pass(job: _Job, head: LMHead, arch, value: float, applied, dense: _Dense) -> dict[str, list]:
     """Every batch with the rule at grid value ``value`` in every FFN layer (``applied``: one value for every
     hook, or one per hook point; see :func:`hook_values`): per-window sums (``WINDOW_COLUMNS``)."""
     cfg, chunk = job.cfg, dense.chunk
     cols: dict[str, list] = {c: [] for c in WINDOW_COLUMNS}
-    with Sparsifier(arch, cfg.target, cfg.rule, applied, power=cfg.power) as sp:
+    with _sparsifier(arch, cfg, applied) as sp:
+        if hasattr(sp, "rows"):
+            cols["hook_rows"] = []
         for i, b in enumerate(job.batches):
             sp.begin_batch(b.valid)
             h_s = head.hidden(b.ids, b.attn)[b.rows, b.cols]
@@ -298,12 +336,17 @@ def _sparse_pass(job: _Job, head: LMHead, arch, value: float, applied, dense: _D
             cols["correct_dense"] += dense.hit[i].tolist()
             cols["kl"] += kl.tolist()
             cols["hook_sparse"] += counts.T.tolist()
+            if "hook_rows" in cols:
+                cols["hook_rows"] += sp.rows.T.tolist()
     return cols
 
 
 def _sparsity(frame, hooks: list[dict]) -> float:
     counts = np.asarray(frame["hook_sparse"].to_list(), dtype=np.float64)
-    return float(counts.sum() / (frame["n_valid"].sum() * sum(h["width"] for h in hooks)))
+    widths = np.array([h["width"] for h in hooks], dtype=np.float64)
+    if "hook_rows" in frame.columns:  # authors' counting: each hook over the rows it saw
+        return float(counts.sum() / (np.asarray(frame["hook_rows"].to_list(), dtype=np.float64) @ widths).sum())
+    return float(counts.sum() / (frame["n_valid"].sum() * widths.sum()))
 
 
 def _check_finite(nll: torch.Tensor, cfg: EvalConfig, what: str) -> None:
@@ -317,11 +360,14 @@ def _finish(job: _Job, frames: list, hooks: list[dict], base: Path | None, n_boo
     """Summary, per-layer and critical tables from every value's frame; written beside the parts when stored."""
     import polars as pl
 
-    summary, layers, critical = summarize(pl.concat(frames), hooks, job.meta, n_boot=n_boot, seed=seed)
+    windows = pl.concat(frames, how="diagonal_relaxed")
+    summary, layers, critical = summarize(windows, hooks, job.meta, n_boot=n_boot, seed=seed)
+    experts = expert_table(windows, hooks, job.meta) if "unit" in hooks[0] else None
     if base is not None:
-        files = [base / fmt.result_file(kind, job.eval_id)
-                 for kind in (fmt.EVALUATION, fmt.EVALUATION_LAYERS, fmt.EVALUATION_CRITICAL)]
-        for path, df in zip(files, (summary, layers, critical)):
+        tables = [(fmt.EVALUATION, summary), (fmt.EVALUATION_LAYERS, layers), (fmt.EVALUATION_CRITICAL, critical)]
+        tables += [(fmt.EVALUATION_EXPERTS, experts)] if experts is not None else []
+        files = [base / fmt.result_file(kind, job.eval_id) for kind, _ in tables]
+        for path, (_, df) in zip(files, tables):
             atomic_write_parquet(path, df.to_arrow())
         checksum(base, job.run_id, files)
-    return Evaluation(job.eval_id, base, job.identity, summary, layers, critical, computed, reused)
+    return Evaluation(job.eval_id, base, job.identity, summary, layers, critical, computed, reused, experts)

@@ -19,6 +19,8 @@ What it shows (the paper's kinds of figures, docs/paper-notes.md §5):
   window (from the per-token statistics of ``actsparse.analyze.token_stats``, or a bounded sample);
 * across runs, where stored: effective rank against relative depth beside critical sparsity (``actsparse
   rank``), and critical sparsity against parameter count per model family (``analyze.report.scaling``);
+* mixture-of-experts runs (open-loop, ``actsparse.analyze.moe``): sparsity per expert and layer, and each
+  expert's load against its sparsity;
 * the provenance of every run, from its manifest.
 
 The curves have one fixed configuration (``REPORT_TARGETS``, ``INPUT_TOPP_GRID``); ``actsparse.analyze.curves``
@@ -32,7 +34,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from actsparse.analyze.report.data import RunData, closed_loop, curve_groups, labels, reader, report_curves
+from actsparse.analyze.report.data import (
+    RunData,
+    closed_loop,
+    curve_groups,
+    labels,
+    reader,
+    report_curves,
+    report_experts,
+)
+from actsparse.analyze.report.experts import fig_expert_load, fig_expert_sparsity
 from actsparse.analyze.report.figures import (
     Figures,
     fig_closed,
@@ -95,7 +106,8 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
         log(f"report: run {run.run_id} ({label})")
         curves = report_curves(st, run.run_id, progress=progress)
         summary, critical = closed_loop(st, run.run_id)
-        data.append(RunData(run, label, matplotlib.colors.to_hex(color), curves, summary, critical))
+        data.append(RunData(run, label, matplotlib.colors.to_hex(color), curves, summary, critical,
+                            experts=report_experts(st, run.run_id)))
 
     with_curves = [rd for rd in data if rd.targets]
     open_crit = (critical_sparsity(pl.concat([rd.curves for rd in with_curves], how="diagonal_relaxed"),
@@ -108,6 +120,10 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
         for rd in with_curves:
             fig_sparsity_topp(figs, rd)
             fig_heatmap(figs, rd)
+        for rd in data:
+            if rd.experts is not None and rd.experts.height:
+                fig_expert_sparsity(figs, rd)
+                fig_expert_load(figs, rd)
         if any(rd.closed.height for rd in data):
             fig_closed(figs, data)
         fig_effective_rank(figs, st, data, open_crit)

@@ -22,6 +22,7 @@ MAX_STATS_PARTS = 16  # token_stats parts read per run for the position profile
 POSITION_P = 0.9
 POSITION_SITES = ("intermediate", "act", "up", "gate", "input", "output")  # first stored one is profiled
 POSITION_BINS = 32  # at most this many points along the window
+EXPERT_TARGET, EXPERT_P = "intermediate", 0.9  # mixture-of-experts runs: per-expert figures at this target and p
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunData:
     closed: object  # closed-loop summary rows of the chosen evaluations, possibly empty
     closed_critical: object  # closed-loop critical rows of those evaluations, possibly empty
     notes: list[str] = field(default_factory=list)
+    experts: object = None  # mixture-of-experts runs: the expert_curves rows of the report's curves
 
     @property
     def targets(self) -> list[str]:
@@ -57,10 +59,16 @@ def curve_groups(run) -> list[tuple[tuple[str, ...], dict]]:
     from actsparse.analyze.curves import required_sites
 
     glu = run.manifest.ffn.glu
+    if run.moe is not None:
+        from actsparse.analyze.moe.curves import stored_sites
+
+        sites = stored_sites(run)
+    else:
+        sites = run.sites
     usable = []
     for target in REPORT_TARGETS:
         try:
-            required_sites(target, run.sites, glu)
+            required_sites(target, sites, glu)
         except ActsparseError:
             continue
         usable.append(target)
@@ -92,6 +100,22 @@ def report_curves(store, run_id: str, *, progress: ProgressFactory | None = None
         frames.append(compute_curves(st, run.run_id, targets=targets, rules=("top-p",), grids=grids or None,
                                      progress=step))
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+def report_experts(store, run_id: str):
+    """The per-expert rows of a mixture-of-experts run's report curves (``actsparse.analyze.moe.expert_curves``,
+    cached with them by :func:`report_curves`), or None for a dense run."""
+    import polars as pl
+
+    from actsparse.analyze.moe import expert_curves
+
+    st = reader(store)
+    run = st.run(run_id)
+    if run.moe is None:
+        return None
+    frames = [expert_curves(st, run.run_id, targets=targets, rules=("top-p",), grids=grids or None)
+              for targets, grids in curve_groups(run)]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
 def closed_loop(store, run_id: str):

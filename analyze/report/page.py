@@ -139,6 +139,8 @@ def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tol
         "<h2>Critical sparsity</h2>", _critical_table(data, open_crit, tolerance), fig("fig-critical-sparsity"),
         '<h2><span class="tag open">open-loop</span>Sparsity and simulated error</h2>', fig("fig-error-vs-sparsity"),
         per_run("fig-sparsity-vs-topp"), per_run("fig-heatmap"),
+        *(['<h2><span class="tag open">open-loop</span>Mixture of experts</h2>', per_run("fig-expert-sparsity"),
+            per_run("fig-expert-load")] if any(rd.experts is not None for rd in data) else []),
         '<h2><span class="tag closed">closed-loop</span>Evaluation</h2>', closed,
         "<h2>Across runs</h2>" if ("fig-effective-rank" in by_stem or "fig-size-scaling" in by_stem) else "",
         fig("fig-effective-rank"), fig("fig-size-scaling"),

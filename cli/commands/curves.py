@@ -42,8 +42,10 @@ def curves(
     """Open-loop sparsity curves, simulated error and critical sparsity from the stored activations.
 
     ``--format table`` prints the model-level curve of each target and rule and its critical sparsity;
-    ``csv`` and ``json`` print every row of the result (every layer, and layer -1 for the model level).
-    ``--executor ray`` computes the layers in Ray tasks (the same result).
+    ``csv`` and ``json`` print every row of the result (every layer, and layer -1 for the model level). For a
+    mixture-of-experts run the per-expert rows are stored beside them (query ``expert_profile``).
+    ``--executor ray`` computes the layers in Ray tasks (the same result; a mixture-of-experts run is swept
+    here).
     """
     import polars as pl
 
@@ -100,6 +102,9 @@ def curves(
         else:
             say(head + f"grid {row['critical_sparsity_grid']:.3f} at {row['critical_value_grid']:g}, "
                 f"interpolated {row['critical_sparsity_interp']:.3f}")
+    if chosen.moe is not None:
+        say(f"per expert (load, sparsity, error): actsparse query expert_profile {store} --param run={chosen.run_id} "
+            f"--param target={order[0][0]} --param value=<a grid value>")
 
 
 def register(app: typer.Typer) -> None:

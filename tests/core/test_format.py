@@ -107,6 +107,9 @@ def test_every_defined_name_and_column_is_documented():
         assert name in DOC, name
     for site in SITES:
         assert f"`{site}`" in DOC, site
+    for name in (*(f"`{group}/" for group in fmt.MOE_GROUPS), fmt.EXPERT_ID, fmt.ROUTING_WEIGHT, "`moe`",
+                 "`moe_arrays`"):
+        assert name in DOC, name
     for directory in (fmt.RUNS, fmt.MODELS, fmt.EVALUATIONS, fmt.ACTIVATIONS, fmt.WEIGHTS, fmt.TOKENS,
                       fmt.TOKEN_STATS, fmt.ANALYSIS, *fmt.STAGING_PREFIXES, fmt.PROBE_PREFIX):
         assert directory in DOC, directory
@@ -118,6 +121,24 @@ def test_every_defined_name_and_column_is_documented():
         assert f"{kind.prefix}-<" in DOC and f"`{kind.name}`" in DOC, kind.name
     for view in fmt.VIEWS:
         assert f"`{view}`" in DOC, view
+
+
+def kinds_in(store: Path) -> set[str]:
+    """What each file of a store is (``fmt.describe_path``), asserting every one is defined by the format and
+    every Parquet file has only documented columns."""
+    seen = set()
+    for p in sorted(store.rglob("*")):
+        rel = p.relative_to(store).as_posix()
+        if p.is_dir() or p.name in fmt.LOCKS:
+            continue
+        described = fmt.describe_path(rel)
+        assert described is not None, f"{rel} is not defined by the store format"
+        what, columns = described
+        seen.add(what)
+        if rel.endswith(".parquet"):
+            written = pq.read_schema(p).names
+            assert columns is not None and set(written) <= {c for c, _ in columns}, (rel, written)
+    return seen
 
 
 def test_a_store_holds_only_what_the_format_defines(two_model_store, tmp_path):
@@ -134,17 +155,62 @@ def test_a_store_holds_only_what_the_format_defines(two_model_store, tmp_path):
     m = json.loads((store / fmt.run_path(a, fmt.MANIFEST)).read_text())
     evaluate(EvalConfig(model=m["config"]["model"], corpus=m["corpus"]["spec"], target="input", grid=(1.0,),
                         max_tokens=256, seq_len=64, batch_size=4), store, n_boot=10, log=lambda m: None)
-    seen = set()
-    for p in sorted(store.rglob("*")):
-        rel = p.relative_to(store).as_posix()
-        if p.is_dir() or p.name in fmt.LOCKS:
-            continue
-        described = fmt.describe_path(rel)
-        assert described is not None, f"{rel} is not defined by the store format"
-        what, columns = described
-        seen.add(what)
-        if rel.endswith(".parquet"):
-            written = pq.read_schema(p).names
-            assert columns is not None and set(written) <= {c for c, _ in columns}, (rel, written)
+    seen = kinds_in(store)
     assert {"result: curves", "result: critical_sparsity", "result: evaluations", "result: evaluation_layers",
             "result: evaluation_critical", "evaluation value part", "token statistics part"} <= seen
+
+
+# ---------------------------------------------------------------- mixture-of-experts runs
+
+
+@pytest.fixture(scope="module")
+def moe_manifest(moe_store) -> dict:
+    path, ids = moe_store
+    return json.loads((path / fmt.run_path(ids["qwen2moe"], fmt.MANIFEST)).read_text())
+
+
+def test_a_moe_manifest_round_trips_with_its_layout(moe_manifest):
+    m = fmt.Manifest.from_dict(moe_manifest, "run x")
+    assert m.to_dict() == moe_manifest
+    assert m.moe.top_k == 2 and m.moe.d_shared == 24 and m.sites == ("input", "output")
+    assert m.array_names == (*m.arrays, *m.moe_arrays) and m.array_spec("routed/gate").shape == (3, 400, 2, 16)
+    assert m.moe.position(2) == (fmt.ROUTED, 2)
+    with pytest.raises(ActsparseError, match="layer 3 out of range"):
+        m.moe.position(3)
+
+
+MOE_CASES = [
+    ("moe.top_k", 5, "'top_k' is 5, outside [1, 4]"),
+    ("moe.moe_layers", [0, 1], "are not a partition of the 3 decoder layers"),
+    ("moe.kind", "dense", "is not a mixture-of-experts layout"),
+    ("moe.d_shared", None, "do not match"),
+    ("moe.d_model", 64, "the moe layout has 3 layers of width 64"),
+    ("moe_arrays.routed/gate.shape", [3, 400, 3, 16], "array routed/gate has shape [3, 400, 3, 16]"),
+    ("moe_arrays.routed/expert_id.logical_dtype", "bfloat16", "not a stored dtype pair"),
+    ("moe_arrays.routed/down", {"shape": [3, 400, 2, 16], "chunks": [1, 128, 2, 16], "shards": [3, 128, 2, 16],
+                                "numpy_dtype": "float32", "logical_dtype": "float32", "width": 16},
+     "unknown mixture-of-experts array 'routed/down'"),
+    ("moe_arrays.shared/weight", _DELETE, "without its array(s) shared/weight"),
+    ("arrays.gate", {"shape": [3, 400, 16], "chunks": [1, 128, 16], "shards": [3, 128, 16],
+                     "numpy_dtype": "float32", "logical_dtype": "float32", "width": 16},
+     "lists site 'gate' among its arrays"),
+]
+
+
+@pytest.mark.parametrize("field, value, words", MOE_CASES)
+def test_a_moe_manifest_that_fails_names_the_field(moe_manifest, field, value, words):
+    with pytest.raises(ActsparseError, match=re.escape(words)):
+        fmt.Manifest.from_dict(_set(moe_manifest, field, value), "run x")
+
+
+def test_a_moe_store_holds_only_what_the_format_defines(moe_store, tmp_path):
+    from actsparse.analyze.curves import compute_curves
+    from actsparse.analyze.evaluate import EvalConfig, evaluate
+
+    src, ids = moe_store
+    store = Path(shutil.copytree(src, tmp_path / "S"))
+    compute_curves(store, ids["qwen3moe"], targets=("intermediate",), grids={"top-p": [1.0, 0.9]})
+    evaluate(EvalConfig(target="gate", grid=(0.9,), max_tokens=256, seq_len=64, batch_size=4), store,
+             run=ids["qwen3moe"], n_boot=10, log=lambda m: None)
+    assert {"expert array group", "expert array metadata", "expert array shard", "weights chunk",
+            "result: expert_curves", "result: evaluation_experts", "evaluation value part"} <= kinds_in(store)

@@ -72,3 +72,38 @@ def test_a_block_of_the_wrong_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is uint16, got float32"):
         writer.write(0, np.zeros((3, T, 24), np.float32))
     assert not (tmp_path / "input" / "c").exists()  # nothing half-written
+
+
+def test_mixture_of_experts_arrays_are_byte_identical_to_zarrs(tmp_path):
+    """The routed slot arrays [layers, T, k, d_moe], the ids [layers, T, k] (int16) and the shared gate
+    [layers, T, 1] (float32) of a MoE run: a shard file per T tokens, chunk keys c/0/K/0[/0]."""
+    from actsparse.core import format as fmt
+
+    layout = fmt.MoELayout(model_class="M", block_class="B", experts_class="E", activation="silu", n_layers=3,
+                           moe_layers=(1, 2), dense_layers=(0,), n_experts=4, top_k=2, d_model=8, d_moe=6,
+                           d_shared=5, shared_gate="sigmoid", d_ff_dense=7)
+    n_tokens = 2 * T + 9
+    specs = layout.array_specs(("gate",), n_tokens, T, "bfloat16")
+    assert set(specs) == {"routed/expert_id", "routed/weight", "routed/gate", "shared/gate", "shared/weight",
+                          "dense/gate"}
+    ours, theirs = create_arrays(tmp_path / "ours", specs), create_arrays(tmp_path / "zarr", specs)
+    rng = np.random.default_rng(0)
+    for name, arr in ours.items():
+        writer = ShardWriter.for_array(arr, tmp_path / "ours" / name)
+        assert writer is not None, name
+        if arr.dtype == np.int16:
+            data = rng.integers(0, 4, arr.shape).astype(np.int16)
+        elif arr.dtype == np.float32:
+            data = rng.random(arr.shape, dtype=np.float32)
+        else:
+            data = activation_bits(arr.shape, seed=len(name))
+        for k in range(-(-n_tokens // T)):
+            writer.write(k, data[:, k * T:(k + 1) * T])
+            theirs[name][:, k * T:(k + 1) * T] = data[:, k * T:(k + 1) * T]
+        files = sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours" / name).rglob("*") if p.is_file())
+        assert len(files) == 1 + 3 and all((tmp_path / "zarr" / rel).is_file() for rel in files)
+        for rel in files:
+            assert (tmp_path / "ours" / rel).read_bytes() == (tmp_path / "zarr" / rel).read_bytes(), rel
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "ours" / name, mode="r")[:], data)
+        assert zarr.open_array(tmp_path / "ours" / name, mode="r").metadata.dimension_names == \
+            fmt.dimension_names(name)
