@@ -46,10 +46,18 @@ def is_safe_rel(rel: object) -> bool:
     return isinstance(rel, str) and all(_SAFE_PART.match(p) for p in rel.split("/"))
 
 
-def digest_file(f: IO[bytes]) -> tuple[str, int]:
-    """``(sha256 hex, size)`` of a file object read to its end."""
-    h = hashlib.file_digest(f, "sha256")
-    return h.hexdigest(), f.tell()
+def digest_file(f: IO[bytes], limit: int | None = None) -> tuple[str, int]:
+    """``(sha256 hex, size)`` of a file object read to its end, or of its first ``limit + 1`` bytes when a
+    ``limit`` is given (a size above ``limit`` then says the file is larger than expected, whatever its
+    real length: an endless source costs no more than ``limit`` bytes)."""
+    h, n = hashlib.sha256(), 0
+    while limit is None or n <= limit:
+        chunk = f.read(BLOCK if limit is None else min(BLOCK, limit + 1 - n))
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
 
 
 def open_store_file(fs, url: str) -> IO[bytes]:
@@ -65,10 +73,10 @@ def _is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def digest(fs, url: str) -> tuple[str, int]:
-    """``(sha256 hex, size)`` of a store file (see :func:`open_store_file`)."""
+def digest(fs, url: str, limit: int | None = None) -> tuple[str, int]:
+    """``(sha256 hex, size)`` of a store file (see :func:`open_store_file` and :func:`digest_file`)."""
     with open_store_file(fs, url) as f:
-        return digest_file(f)
+        return digest_file(f, limit)
 
 
 def local_tree(base: Path) -> tuple[list[str], list[str]]:

@@ -167,6 +167,34 @@ def open_regular(path: str | Path) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
+def read_regular(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a local regular file (see :func:`open_regular`) of at most ``limit`` bytes.
+
+    At most ``limit + 1`` bytes are read, so a huge or endless file costs no more than a small one.
+
+    Raises:
+        NotRegularFile: a symbolic link, FIFO, socket, device or directory.
+        FileNotFoundError: no such file.
+        ActsparseError: the file holds more than ``limit`` bytes (``what`` names it in the message).
+    """
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ActsparseError(f"{path}: larger than the {limit} bytes a {what} may hold")
+    return data
+
+
+def sync_data(paths) -> None:
+    """Force the data of files already written to disk (``fdatasync``), so that a file written after them
+    (a marker of completeness) can never reach the disk before them (docs/pitfalls.md P18)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking ``flock`` on ``path`` (released by the kernel even on SIGKILL).

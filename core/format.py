@@ -408,8 +408,15 @@ STATUSES = ("incomplete", "complete")
 # "hostile stores"), so a value beyond these is refused before it is used.
 MAX_TOKENS = 1 << 40
 MAX_CHUNK_TOKENS = 1 << 24
+MAX_SHARDS = 1 << 20  # ceil(n_tokens / chunk_tokens): the shards (and token parts) a run may have
 MAX_LAYERS = 1 << 12
 MAX_WIDTH = 1 << 20
+MAX_BYTES = 1 << 62  # a file size or byte count
+# Files read whole into memory are refused beyond these sizes before they are parsed.
+MAX_METADATA_BYTES = 1 << 24  # actsparse-store.json, manifest.json, a shard's digests, an evaluation's config
+MAX_CHECKSUMS_BYTES = 1 << 31  # checksums.json and archive.json (up to actsparse.core.checksums.MAX_ENTRIES)
+MAX_CATALOGUE_BYTES = 1 << 30
+MAX_PART_BYTES = 1 << 31  # one token part
 
 
 def _need(d: dict, key: str, typ: type | tuple, where: str):
@@ -427,6 +434,11 @@ def _bounded(d: dict, key: str, lo: int, hi: int, where: str) -> int:
     if not lo <= v <= hi:
         raise ActsparseError(f"{where}: manifest field '{key}' is {v}, outside [{lo}, {hi}]")
     return v
+
+
+def _int_or_none(v: object, lo: int, hi: int) -> int | None:
+    """``v`` if it is an integer in ``[lo, hi]`` (an optional record: anything else reads as absent)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi else None
 
 
 def _opt_str(d: dict, key: str) -> str | None:
@@ -492,13 +504,13 @@ class ModelInfo:
         wid = d.get("weights_id")
         if not isinstance(wid, str) or not ID_RE.match(wid):
             raise ActsparseError(f"{where}: manifest weights_id {wid!r} is not a valid id")
-        ints = {k: d[k] if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) else None
-                for k in ("max_position_embeddings", "vocab_size")}
+        ints = {k: _int_or_none(d.get(k), 1, MAX_TOKENS) for k in ("max_position_embeddings", "vocab_size")}
         return cls(spec=_need(d, "spec", str, w), name=_need(d, "name", str, w),
                    weights_sha256=_need(d, "weights_sha256", str, w), weights_id=wid,
                    ffn=FFNInfo.from_dict(d.get("ffn"), where), source=_opt_str(d, "source"),
                    license=_opt_str(d, "license"), architecture=_opt_str(d, "architecture"),
-                   model_type=_opt_str(d, "model_type"), tokenizer=d.get("tokenizer") or {}, **ints)
+                   model_type=_opt_str(d, "model_type"),
+                   tokenizer=d["tokenizer"] if isinstance(d.get("tokenizer"), dict) else {}, **ints)
 
 
 @dataclass(frozen=True)
@@ -520,7 +532,7 @@ class CorpusInfo:
         n = d.get("n_documents")
         return cls(spec=_need(d, "spec", str, w), name=_need(d, "name", str, w), sha256=_need(d, "sha256", str, w),
                    license=_opt_str(d, "license"), description=_opt_str(d, "description"),
-                   n_documents=n if isinstance(n, int) and not isinstance(n, bool) else None)
+                   n_documents=_int_or_none(n, 0, MAX_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -602,6 +614,14 @@ class Manifest:
         return tuple(self.arrays)
 
     @property
+    def collected_sites(self) -> list[str]:
+        """The stored sites in the order the collection config lists them (``sites`` is in manifest order)."""
+        given = self.config.get("sites")
+        if isinstance(given, list) and sorted(map(str, given)) == sorted(self.arrays):
+            return [str(s) for s in given]
+        return list(self.sites)
+
+    @property
     def ffn(self) -> FFNInfo:
         return self.model.ffn
 
@@ -624,8 +644,7 @@ class Manifest:
 
     @property
     def seq_len(self) -> int | None:
-        v = self.config.get("seq_len")
-        return v if isinstance(v, int) else None
+        return _int_or_none(self.config.get("seq_len"), 1, MAX_TOKENS)
 
     @property
     def stored_dtype(self) -> str:
@@ -662,6 +681,9 @@ class Manifest:
         model, corpus = ModelInfo.from_dict(d.get("model"), where), CorpusInfo.from_dict(d.get("corpus"), where)
         n_tokens = _bounded(d, "n_tokens", 1, MAX_TOKENS, where)
         chunk_tokens = _bounded(d, "chunk_tokens", 1, MAX_CHUNK_TOKENS, where)
+        if n_parts(n_tokens, chunk_tokens) > MAX_SHARDS:
+            raise ActsparseError(f"{where}: manifest's n_tokens {n_tokens} in chunks of {chunk_tokens} make "
+                                 f"{n_parts(n_tokens, chunk_tokens)} shards, more than {MAX_SHARDS}")
         n_sequences = d.get("n_sequences", 1)
         if not isinstance(n_sequences, int) or isinstance(n_sequences, bool) or not 1 <= n_sequences <= n_tokens:
             raise ActsparseError(f"{where}: manifest field 'n_sequences' is {n_sequences!r}, not in [1, n_tokens]")
@@ -718,9 +740,9 @@ class Manifest:
         return dict(
             run_id=self.run_id, model=self.model_spec, model_name=self.model.name, architecture=self.model.architecture,
             weights_sha256=self.model.weights_sha256, corpus=self.corpus.spec, corpus_sha256=self.corpus.sha256,
-            split=self.split, sites=list(self.config.get("sites") or self.sites), n_layers=ffn.n_layers,
+            split=self.split, sites=self.collected_sites, n_layers=ffn.n_layers,
             d_model=ffn.d_model, d_ff=ffn.d_ff, activation=ffn.activation, n_tokens=self.n_tokens,
             n_sequences=self.n_sequences, seq_len=self.seq_len, stored_dtype=self.stored_dtype,
             compute_dtype=self.compute_dtype, created=self.created, completed=self.completed,
-            bytes=self.stats.get("bytes_on_disk"),
+            bytes=_int_or_none(self.stats.get("bytes_on_disk"), 0, MAX_BYTES),
         )
