@@ -96,8 +96,8 @@ class StoreReader:
         anywhere, so a huge or endless file is refused at the cost of a small one.
 
         Raises:
-            FileNotFoundError: no such file.
-            ActsparseError: not a regular file, or larger than ``limit``.
+            FileNotFoundError, NotADirectoryError: no such file.
+            ActsparseError: not a regular file, larger than ``limit``, or unreadable.
         """
         url = self.path(rel)
         if self.is_local:
@@ -105,6 +105,10 @@ class StoreReader:
                 return read_regular(url, limit, what)
             except NotRegularFile as e:
                 raise ActsparseError(f"{rel} in {self.url} is {e.what}; a store holds regular files only") from None
+            except (FileNotFoundError, NotADirectoryError):
+                raise
+            except OSError as e:
+                raise ActsparseError(f"cannot read {rel} in {self.url}: {e.strerror or e}") from None
         with self.fs.open(url, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -175,7 +179,7 @@ class StoreReader:
         where = f"run {fmt.check_id(run_id)}"
         try:
             raw = self.read(fmt.run_path(run_id, fmt.MANIFEST), fmt.MAX_METADATA_BYTES, "manifest")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # runs/<id> may be a file
             if missing_ok:
                 return None
             raise ActsparseError(f"{where} has no manifest") from None

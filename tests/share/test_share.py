@@ -143,7 +143,10 @@ def test_verify_reports_incomplete_runs_and_missing_weights(base, tmp_path):
     shutil.rmtree(s / "models")
     problems = [str(p) for p in share.verify(str(s)).problems]
     wid = m["model"]["weights_id"]
-    assert problems == [f"runs/{base[1]}: incomplete run (status 'incomplete'); resume it with the same `actsparse collect`",
+    # the catalogue still lists the run it was built with, now incomplete
+    assert problems == [f"catalogue.parquet: lists run '{base[1]}', which is not a complete run of the store; "
+                        "`actsparse verify --rebuild-catalogue` rebuilds it",
+                        f"runs/{base[1]}: incomplete run (status 'incomplete'); resume it with the same `actsparse collect`",
                         f"models/{wid}/{fmt.WEIGHTS}: missing (weights of run {base[2]})"]
 
 
