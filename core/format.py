@@ -15,6 +15,7 @@ Layout (store-relative POSIX paths)::
     runs/<run_id>/checksums.json              sha256 and size of every other file of the run
     runs/<run_id>/documents.parquet           DOCUMENTS_COLUMNS
     runs/<run_id>/activations.zarr/<site>     [layers, tokens, width]; chunk (1, T, width), shard (layers, T, width)
+    runs/<run_id>/shards/part-KKKKKK.json     digests of shard K's files (crc32c), checked when a run resumes
     runs/<run_id>/tokens/part-KKKKKK.parquet  TOKENS_COLUMNS of shard K; written last, it marks shard K complete
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet   TOKEN_STATS_COLUMNS of shard K
     runs/<run_id>/analysis/<prefix>-<id>.parquet                 results (RESULT_KINDS)
@@ -59,6 +60,7 @@ WEIGHTS = "ffn.zarr"
 ZARR_META = "zarr.json"
 TOKENS = "tokens"
 TOKEN_STATS = "token_stats"
+SHARDS = "shards"  # runs/<id>/shards/part-K.json: the digests of shard K's files, written before its token part
 ANALYSIS = "analysis"
 LOCK = ".lock"  # one writer per run (runs/<id>/.lock) and per weights dir (models/<id>/.lock)
 CHECKSUMS_LOCK = ".checksums.lock"
@@ -140,6 +142,22 @@ def stats_part(site: str, k: int) -> str:
 STATS_GLOB = f"{TOKEN_STATS}/site=*/part-*.parquet"  # every statistics part of a run (run-relative)
 
 
+def shard_record(k: int) -> str:
+    """Run-relative path of shard ``k``'s digests (``SHARD_RECORD_FORMAT``): written, flushed to disk with the
+    files it lists, just before the shard's token part; what a resumed collection checks the shard against."""
+    return f"{SHARDS}/part-{k:06d}.json"
+
+
+def site_shard(site: str, k: int) -> str:
+    """Run-relative path of shard ``k``'s file of a site's activation array (zarr v3 key ``c/0/k/0``)."""
+    return f"{ACTIVATIONS}/{site}/c/0/{k}/0"
+
+
+# {"format": SHARD_RECORD_FORMAT, "format_version": 1, "shard": k, "algorithm": "crc32c",
+#  "files": {run-relative path: {"crc32c": 8 hex digits, "size": bytes}}}
+SHARD_RECORD_FORMAT = "actsparse-shard"
+
+
 def site_array(site: str) -> str:
     """Run-relative path of a site's zarr array."""
     return f"{ACTIVATIONS}/{site}"
@@ -209,6 +227,7 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/{re.escape(ZARR_META)}", "site array metadata", None),
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/c/0/\d+/0", "site array shard", None),
         (rf"{run}/{TOKENS}/{part}", "token part", TOKENS_COLUMNS),
+        (rf"{run}/{SHARDS}/part-\d{{6}}\.json", "shard digests", None),
         (rf"{run}/{TOKEN_STATS}/site=[a-z]+/{part}", "token statistics part", TOKEN_STATS_COLUMNS),
         (rf"{run}/{ANALYSIS}/evaluate-{hexid}/{re.escape(EVALUATION_CONFIG)}", "evaluation config", None),
         (rf"{run}/{ANALYSIS}/evaluate-{hexid}/value-[0-9.e+-]+\.parquet", "evaluation value part",

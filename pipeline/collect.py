@@ -14,9 +14,11 @@ A run is collected in four steps, each a function of its own:
    the catalogue, once every shard is there.
 
 Resume: windows, batches and shard boundaries are a pure function of the run config, and a shard's token
-part is written last, so a killed run restarts with the shards that have no token part and re-computes
-exactly the same bytes. Per-token statistics are not computed here: the caller passes them in
-(``statistics``, e.g. ``actsparse.analyze.token_stats.TOKEN_STATS``), which keeps this layer free of analysis.
+part is written last, after the shard's files are on disk and their digests recorded (``fmt.shard_record``),
+so a killed run restarts with the shards that have no token part, checks the ones it keeps against their
+records (a damaged one is written again: ``actsparse.pipeline.resume``), and re-computes exactly the same
+bytes. Per-token statistics are not computed here: the caller passes them in (``statistics``, e.g.
+``actsparse.analyze.token_stats.TOKEN_STATS``), which keeps this layer free of analysis.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from actsparse.pipeline.arrays import create_arrays, shard_writes, single_thread
 from actsparse.pipeline.corpora import Corpus, open_corpus
 from actsparse.pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from actsparse.pipeline.recorder import SiteRecorder
+from actsparse.pipeline.resume import completed_shards, verified_shards
 from actsparse.pipeline.sites import FFNArchitecture, resolve_ffn
 from actsparse.pipeline.store_root import create_store, write_catalogue
 from actsparse.pipeline.weights import weights_id, write_weights
@@ -126,7 +129,7 @@ class CollectResult:
     manifest: fmt.Manifest | None = None
 
 
-OnShard = Callable[[int, dict, dict], Callable[[], object] | None]
+OnShard = Callable[[int, dict, dict], Callable[[], list[Path]] | None]
 
 
 class ShardStatistics(Protocol):
@@ -135,7 +138,8 @@ class ShardStatistics(Protocol):
     ``warm_up()`` runs in a thread while the model loads (e.g. compiling a kernel); ``for_run(run_dir,
     manifest)`` returns ``on_shard(k, blocks, token_rows)``, called on the main thread with the stored numpy
     blocks ``{site: [layers, n, width]}`` and the shard's token rows, which may return a callable that the
-    writer runs after the shard's arrays and before its token part.
+    writer runs after the shard's arrays and before its token part, returning the paths of the files it wrote
+    inside the run (recorded in the shard's digests and flushed to disk with its arrays).
     """
 
     def warm_up(self) -> None: ...
@@ -224,9 +228,10 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
                 run = prepare_run(p, paths, created=existing.created if existing is not None else None)
                 if warm is not None:
                     warm.join()
-                done = completed_shards(run_dir, run.manifest.n_parts)
+                done = verified_shards(run_dir, run.manifest, with_stats=statistics is not None, log=log)
                 if done:
-                    log(f"resuming run {p.run_id}: {len(done)} of {run.manifest.n_parts} shards already written")
+                    log(f"resuming run {p.run_id}: {len(done)} of {run.manifest.n_parts} shards already written "
+                        "and checked")
                 elif cfg.max_tokens is not None and p.n_tokens < cfg.max_tokens:
                     log(f"corpus {p.corpus.name} split '{cfg.split}' holds {p.n_tokens} tokens, fewer than "
                         f"--max-tokens {cfg.max_tokens}: collecting all of them")
@@ -250,11 +255,6 @@ def _read_manifest(run_dir: Path) -> fmt.Manifest | None:
     if not path.is_file():
         return None
     return fmt.Manifest.from_json(path.read_bytes(), f"run {run_dir.name}")
-
-
-def completed_shards(run_dir: Path, n: int) -> set[int]:
-    """The shards of a run (of ``n``) whose token part exists, i.e. that are completely written."""
-    return {k for k in range(n) if (run_dir / fmt.token_part(k)).is_file()}
 
 
 # ---------------------------------------------------------------- prepare
