@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -234,6 +235,9 @@ def blocking_lock(path: str | Path) -> Iterator[None]:
 
 def disk_error(e: OSError, doing: str) -> ActsparseError:
     """A one-line error for an OS error while ``doing`` something (disk full, read-only filesystem, ...)."""
+    code = e.errno
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(e))):  # Rust libraries (polars) say so
+        code = int(m.group(1))
     reason = {errno.ENOSPC: "disk full", errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
-              errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or str(e))
+              errno.EDQUOT: "disk quota exceeded"}.get(code, e.strerror or str(e))
     return ActsparseError(f"{reason} while {doing}" + (f" ({e.filename})" if e.filename else ""))

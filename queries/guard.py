@@ -83,8 +83,11 @@ def check_read_only(con, query: str) -> None:
         inner = _statements(con, text)
         kind = inner[0].type if len(inner) == 1 else None
     if kind != duckdb.StatementType.SELECT:
-        # the statement's own first word: DuckDB's type names differ (INSTALL is a LOAD statement)
-        raise _refuse(f"{(re.findall(r'[A-Za-z]+', text) or ['this'])[0].upper()} statement")
+        # the statement's own first word: DuckDB's type names differ (INSTALL is a LOAD statement); a query that
+        # reads like a SELECT but is run as several statements (a PIVOT creates a type first) says so
+        word = (re.findall(r"[A-Za-z]+", text) or ["this"])[0].upper()
+        raise _refuse(f"{word} statement" if word not in ("SELECT", "WITH", "FROM") else
+                      f"a query DuckDB runs as a {str(kind).rsplit('.', 1)[-1]} statement")
     try:
         parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
     except (duckdb.Error, ValueError, RecursionError, TypeError):
