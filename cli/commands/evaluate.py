@@ -56,8 +56,8 @@ def evaluate(
     import polars as pl
 
     from actsparse.analyze.evaluate import DEFAULT_GRID, EvalConfig, proxy_check
-    from actsparse.analyze.evaluate.config import MIN_WINDOWS
     from actsparse.analyze.evaluate import evaluate as run_evaluate
+    from actsparse.analyze.evaluate.config import MIN_WINDOWS
 
     set_threads(threads)
     if boot < 1:
