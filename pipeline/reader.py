@@ -159,8 +159,15 @@ class StoreReader:
         A run whose manifest cannot be read or does not validate is left out, so one damaged run does not
         hide the others (``actsparse runs`` lists it as damaged; opening it by id raises).
         """
+        listed = self.listed_run_ids()
+        try:
+            catalogued = self.catalogue_run_ids()
+        except ActsparseError:
+            if listed is None:
+                raise  # without a listing the catalogue is all there is
+            catalogued = []  # a damaged catalogue: the listing finds every run (`actsparse verify` reports it)
         found = {}
-        for i in sorted(set(self.listed_run_ids() or ()) | set(self.catalogue_run_ids())):
+        for i in sorted(set(listed or ()) | set(catalogued)):
             try:
                 m = self.manifest(i, missing_ok=True)
             except ActsparseError:
