@@ -18,7 +18,7 @@ SRC_LIST := $(VENV)/.actsparse-sources
 $(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
 .PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate \
-	bench-scale bench-moe bench clean
+	bench-scale bench-moe bench fuzz clean
 
 install: $(LINKED)
 
@@ -42,6 +42,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real and not slow"
+
+# hostile stores and archives against every command (tests/test_fuzz.py); the summary goes to BENCHMARKS.md
+FUZZ_EXAMPLES ?= 40
+fuzz: install
+	mkdir -p bench-out && ACTSPARSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ACTSPARSE_FUZZ_REPORT=bench-out/fuzz.json $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 # ruff (configured in pyproject.toml) and the import-layer contract ([tool.importlinter] there)
 lint: install

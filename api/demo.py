@@ -74,11 +74,12 @@ def run_demo(store: Path, out: Path, *, models: Sequence[str] = MODELS, corpus: 
         ActsparseError: a model, corpus or store problem (from collection, analysis or evaluation).
     """
     from actsparse.analyze.evaluate import EvalConfig, evaluate
-    from actsparse.analyze.report import build_report, curve_groups, report_curves
+    from actsparse.analyze.report import build_report, check_out_dir, curve_groups, report_curves
     from actsparse.analyze.token_stats import TOKEN_STATS
     from actsparse.pipeline.collect import CollectConfig, collect
     from actsparse.pipeline.reader import StoreReader
 
+    check_out_dir(out)  # before minutes of work, not after
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     log(f"── 1/4 collect {', '.join(models)} on {corpus} ({tokens:,} tokens each)")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 
 import typer
 
 from actsparse.cli.output import error_line
-from actsparse.core.errors import ActsparseError
+from actsparse.core.errors import ActsparseError, Interrupted
 
 app = typer.Typer(
     help="Activation dataset pipeline and offline analyzer for FFN activation sparsity.",
@@ -33,11 +34,17 @@ def main() -> None:
     """Console entry point: run the app; every failure is one ``error:`` line and a non-zero exit.
 
     Exit statuses: 0 success, 1 a check that found problems (``verify``) or a batch with failed jobs,
-    2 bad input or a refused operation, 130 interrupted.
+    2 bad input or a refused operation, 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP, which are turned into the
+    same, so that every ``with`` block cleans up what it started: locks, temporary files, spill directories).
     """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
+    except Interrupted as e:
+        error_line(str(e))
+        _exit_now(130)
     except ActsparseError as e:
         error_line(str(e))
         _exit_now(2)
@@ -58,6 +65,10 @@ def main() -> None:
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         error_line(f"{e.format_message()}{hint}")
         _exit_now(e.exit_code)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _exit_now(code: int) -> None:

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from actsparse.core.errors import ActsparseError
+from actsparse.core.files import atomic_path, disk_error
 from actsparse.core.progress import ProgressFactory
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -93,6 +94,9 @@ def emit(df, fmt: str = "table", *, title: str | None = None, out_file: Path | N
          max_rows: int | None = None, store_root: str | None = None) -> None:
     """Print (or write to ``out_file``) a table, given as a polars DataFrame or a list of row dicts.
 
+    ``out_file`` is written atomically: on any failure (a full disk, an interruption) it is left as it was,
+    never truncated.
+
     Raises:
         ActsparseError: an unknown format, parquet without ``out_file``, or ``out_file`` inside the store at
             ``store_root`` (a store holds only what its format lists).
@@ -107,30 +111,42 @@ def emit(df, fmt: str = "table", *, title: str | None = None, out_file: Path | N
         root, target = os.path.realpath(store_root), os.path.realpath(out_file)
         if target == root or target.startswith(root + os.sep):
             raise ActsparseError(f"--out {out_file} is inside the store; the store is read-only, write elsewhere")
-    if fmt == "parquet":
-        if out_file is None:
-            raise ActsparseError("--format parquet needs --out FILE")
-        df.write_parquet(out_file)
-    elif fmt == "csv":
-        _flat(df).write_csv(out_file if out_file is not None else sys.stdout)
+    if fmt == "parquet" and out_file is None:
+        raise ActsparseError("--format parquet needs --out FILE")
+    if out_file is None:
+        _print(df, fmt, title, max_rows)
+        return
+    try:
+        # a file that is complete or absent: written under a temporary name, flushed, then renamed
+        with atomic_path(out_file) as tmp:
+            _write_file(df, fmt, title, max_rows, Path(tmp))
+    except OSError as e:
+        raise disk_error(e, f"writing {out_file}") from None
+    typer.echo(f"{df.height} rows -> {out_file}", err=True)
+
+
+def _print(df, fmt: str, title: str | None, max_rows: int | None) -> None:
+    if fmt == "csv":
+        _flat(df).write_csv(sys.stdout)
     elif fmt == "json":
-        text = json.dumps(df.to_dicts(), default=str)
-        _write(text, out_file)
-    elif out_file is None and out.is_terminal:
+        typer.echo(json.dumps(df.to_dicts(), default=str))
+    elif out.is_terminal:
         out.print(_rich_table(df, title, max_rows))
         if max_rows is not None and df.height > max_rows:
             say(f"({df.height} rows, {max_rows} shown)")
     else:
-        _write((f"{title}\n" if title else "") + _markdown(df, max_rows), out_file)
-    if out_file is not None:
-        typer.echo(f"{df.height} rows -> {out_file}", err=True)
+        typer.echo((f"{title}\n" if title else "") + _markdown(df, max_rows))
 
 
-def _write(text: str, out_file: Path | None) -> None:
-    if out_file is None:
-        typer.echo(text)
+def _write_file(df, fmt: str, title: str | None, max_rows: int | None, path: Path) -> None:
+    if fmt == "parquet":
+        df.write_parquet(path)
+    elif fmt == "csv":
+        _flat(df).write_csv(path)
+    elif fmt == "json":
+        path.write_text(json.dumps(df.to_dicts(), default=str) + "\n")
     else:
-        Path(out_file).write_text(text + "\n")
+        path.write_text((f"{title}\n" if title else "") + _markdown(df, max_rows) + "\n")
 
 
 def check_format(fmt: str, choices=LIST_FORMATS) -> None:

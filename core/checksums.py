@@ -46,10 +46,18 @@ def is_safe_rel(rel: object) -> bool:
     return isinstance(rel, str) and all(_SAFE_PART.match(p) for p in rel.split("/"))
 
 
-def digest_file(f: IO[bytes]) -> tuple[str, int]:
-    """``(sha256 hex, size)`` of a file object read to its end."""
-    h = hashlib.file_digest(f, "sha256")
-    return h.hexdigest(), f.tell()
+def digest_file(f: IO[bytes], limit: int | None = None) -> tuple[str, int]:
+    """``(sha256 hex, size)`` of a file object read to its end, or of its first ``limit + 1`` bytes when a
+    ``limit`` is given (a size above ``limit`` then says the file is larger than expected, whatever its
+    real length: an endless source costs no more than ``limit`` bytes)."""
+    h, n = hashlib.sha256(), 0
+    while limit is None or n <= limit:
+        chunk = f.read(BLOCK if limit is None else min(BLOCK, limit + 1 - n))
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
 
 
 def open_store_file(fs, url: str) -> IO[bytes]:
@@ -65,10 +73,10 @@ def _is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def digest(fs, url: str) -> tuple[str, int]:
-    """``(sha256 hex, size)`` of a store file (see :func:`open_store_file`)."""
+def digest(fs, url: str, limit: int | None = None) -> tuple[str, int]:
+    """``(sha256 hex, size)`` of a store file (see :func:`open_store_file` and :func:`digest_file`)."""
     with open_store_file(fs, url) as f:
-        return digest_file(f)
+        return digest_file(f, limit)
 
 
 def local_tree(base: Path) -> tuple[list[str], list[str]]:
@@ -193,3 +201,70 @@ def update_checksums(run_dir: str | Path, paths: Iterable[str | Path]) -> bool:
                 raise ActsparseError(f"{e.path} is {e.what}; a store holds regular files only") from None
         atomic_write_json(target, checksums_doc(digests))
     return True
+
+
+# ---------------------------------------------------------------- shard records (crc32c, cheap on the hot path)
+
+ShardDigests = dict[str, tuple[str, int]]  # run-relative path -> (crc32c as 8 hex digits, size)
+_CRC_RE = re.compile(r"^[0-9a-f]{8}$")
+
+
+def crc32c_of(parts: Iterable[bytes]) -> tuple[str, int]:
+    """``(crc32c hex, size)`` of bytes given in parts (a file's content as it is written, no re-read)."""
+    import google_crc32c
+
+    crc, n = 0, 0
+    for part in parts:
+        crc = google_crc32c.extend(crc, part)
+        n += len(part)
+    return f"{crc:08x}", n
+
+
+def crc32c_file(path: str | Path, limit: int | None = None) -> tuple[str, int]:
+    """``(crc32c hex, size)`` of a local regular file, reading at most ``limit + 1`` bytes when given.
+
+    Raises:
+        NotRegularFile, FileNotFoundError: as ``open_regular``.
+    """
+    with open_regular(path) as f:
+        def blocks():
+            n = 0
+            while limit is None or n <= limit:
+                chunk = f.read(BLOCK if limit is None else min(BLOCK, limit + 1 - n))
+                if not chunk:
+                    return
+                n += len(chunk)
+                yield chunk
+
+        return crc32c_of(blocks())
+
+
+def shard_record_doc(k: int, files: ShardDigests) -> dict:
+    """The JSON object of shard ``k``'s record (``actsparse.core.format.shard_record``)."""
+    return dict(format=fmt.SHARD_RECORD_FORMAT, format_version=FORMAT_VERSION, shard=k, algorithm="crc32c",
+                files={rel: dict(crc32c=crc, size=size) for rel, (crc, size) in sorted(files.items())})
+
+
+def parse_shard_record(raw: bytes, k: int, where: str) -> ShardDigests:
+    """Parse and validate shard ``k``'s record.
+
+    Raises:
+        ActsparseError: not JSON, another format, version or shard, or an entry without a safe path, a crc32c
+            and a size.
+    """
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ActsparseError(f"{where}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not (isinstance(doc, dict) and doc.get("format") == fmt.SHARD_RECORD_FORMAT
+            and doc.get("format_version") == FORMAT_VERSION and doc.get("shard") == k
+            and doc.get("algorithm") == "crc32c" and isinstance(doc.get("files"), dict)):
+        raise ActsparseError(f"{where}: not the record of shard {k}")
+    out: ShardDigests = {}
+    for rel, e in doc["files"].items():
+        if not (is_safe_rel(rel) and isinstance(e, dict) and isinstance(e.get("crc32c"), str)
+                and _CRC_RE.match(e["crc32c"]) and isinstance(e.get("size"), int) and not isinstance(e["size"], bool)
+                and 0 <= e["size"] < 1 << 50):
+            raise ActsparseError(f"{where}: entry {rel!r} has no valid path, crc32c and size")
+        out[rel] = (e["crc32c"], e["size"])
+    return out

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -167,6 +168,34 @@ def open_regular(path: str | Path) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
+def read_regular(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a local regular file (see :func:`open_regular`) of at most ``limit`` bytes.
+
+    At most ``limit + 1`` bytes are read, so a huge or endless file costs no more than a small one.
+
+    Raises:
+        NotRegularFile: a symbolic link, FIFO, socket, device or directory.
+        FileNotFoundError: no such file.
+        ActsparseError: the file holds more than ``limit`` bytes (``what`` names it in the message).
+    """
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ActsparseError(f"{path}: larger than the {limit} bytes a {what} may hold")
+    return data
+
+
+def sync_data(paths) -> None:
+    """Force the data of files already written to disk (``fdatasync``), so that a file written after them
+    (a marker of completeness) can never reach the disk before them (docs/pitfalls.md P19)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking ``flock`` on ``path`` (released by the kernel even on SIGKILL).
@@ -206,6 +235,9 @@ def blocking_lock(path: str | Path) -> Iterator[None]:
 
 def disk_error(e: OSError, doing: str) -> ActsparseError:
     """A one-line error for an OS error while ``doing`` something (disk full, read-only filesystem, ...)."""
+    code = e.errno
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(e))):  # Rust libraries (polars) say so
+        code = int(m.group(1))
     reason = {errno.ENOSPC: "disk full", errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
-              errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or str(e))
+              errno.EDQUOT: "disk quota exceeded"}.get(code, e.strerror or str(e))
     return ActsparseError(f"{reason} while {doing}" + (f" ({e.filename})" if e.filename else ""))

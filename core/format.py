@@ -16,6 +16,7 @@ Layout (store-relative POSIX paths)::
     runs/<run_id>/documents.parquet           DOCUMENTS_COLUMNS
     runs/<run_id>/activations.zarr/<site>     [layers, tokens, width]; chunk (1, T, width), shard (layers, T, width)
     runs/<run_id>/activations.zarr/<group>/<name>   mixture-of-experts arrays (MOE_GROUPS; :class:`MoELayout`)
+    runs/<run_id>/shards/part-KKKKKK.json     digests of shard K's files (crc32c), checked when a run resumes
     runs/<run_id>/tokens/part-KKKKKK.parquet  TOKENS_COLUMNS of shard K; written last, it marks shard K complete
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet   TOKEN_STATS_COLUMNS of shard K
     runs/<run_id>/analysis/<prefix>-<id>.parquet                 results (RESULT_KINDS)
@@ -66,6 +67,7 @@ EXPERT_SITES = ("gate", "act", "up", "intermediate")  # the sites stored per rou
 EXPERT_ID, ROUTING_WEIGHT = "expert_id", "weight"
 TOKENS = "tokens"
 TOKEN_STATS = "token_stats"
+SHARDS = "shards"  # runs/<id>/shards/part-K.json: the digests of shard K's files, written before its token part
 ANALYSIS = "analysis"
 LOCK = ".lock"  # one writer per run (runs/<id>/.lock) and per weights dir (models/<id>/.lock)
 CHECKSUMS_LOCK = ".checksums.lock"
@@ -158,6 +160,23 @@ def stats_part(site: str, k: int) -> str:
 
 
 STATS_GLOB = f"{TOKEN_STATS}/site=*/part-*.parquet"  # every statistics part of a run (run-relative)
+
+
+def shard_record(k: int) -> str:
+    """Run-relative path of shard ``k``'s digests (``SHARD_RECORD_FORMAT``): written, flushed to disk with the
+    files it lists, just before the shard's token part; what a resumed collection checks the shard against."""
+    return f"{SHARDS}/part-{k:06d}.json"
+
+
+def site_shard(site: str, k: int, ndim: int = 3) -> str:
+    """Run-relative path of shard ``k``'s file of an activation array of ``ndim`` dimensions (zarr v3 key
+    ``c/0/k/0``; a mixture-of-experts slot array ``[layers, tokens, k, width]``: ``c/0/k/0/0``)."""
+    return f"{ACTIVATIONS}/{site}/c/0/{k}" + "/0" * (ndim - 2)
+
+
+# {"format": SHARD_RECORD_FORMAT, "format_version": 1, "shard": k, "algorithm": "crc32c",
+#  "files": {run-relative path: {"crc32c": 8 hex digits, "size": bytes}}}
+SHARD_RECORD_FORMAT = "actsparse-shard"
 
 
 def site_array(site: str) -> str:
@@ -255,6 +274,7 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/{re.escape(ZARR_META)}", "site array metadata", None),
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/c/0/\d+/0", "site array shard", None),
         (rf"{run}/{TOKENS}/{part}", "token part", TOKENS_COLUMNS),
+        (rf"{run}/{SHARDS}/part-\d{{6}}\.json", "shard digests", None),
         (rf"{run}/{TOKEN_STATS}/site=[a-z]+/{part}", "token statistics part", TOKEN_STATS_COLUMNS),
         (rf"{run}/{ANALYSIS}/evaluate-{hexid}/{re.escape(EVALUATION_CONFIG)}", "evaluation config", None),
         (rf"{run}/{ANALYSIS}/evaluate-{hexid}/value-[0-9.e+-]+\.parquet", "evaluation value part",
@@ -497,9 +517,16 @@ STATUSES = ("incomplete", "complete")
 # "hostile stores"), so a value beyond these is refused before it is used.
 MAX_TOKENS = 1 << 40
 MAX_CHUNK_TOKENS = 1 << 24
+MAX_SHARDS = 1 << 20  # ceil(n_tokens / chunk_tokens): the shards (and token parts) a run may have
 MAX_LAYERS = 1 << 12
 MAX_WIDTH = 1 << 20
 MAX_EXPERTS = 1 << 12
+MAX_BYTES = 1 << 62  # a file size or byte count
+# Files read whole into memory are refused beyond these sizes before they are parsed.
+MAX_METADATA_BYTES = 1 << 24  # actsparse-store.json, manifest.json, a shard's digests, an evaluation's config
+MAX_CHECKSUMS_BYTES = 1 << 31  # checksums.json and archive.json (up to actsparse.core.checksums.MAX_ENTRIES)
+MAX_CATALOGUE_BYTES = 1 << 30
+MAX_PART_BYTES = 1 << 31  # one token part
 
 
 def _need(d: dict, key: str, typ: type | tuple, where: str):
@@ -517,6 +544,11 @@ def _bounded(d: dict, key: str, lo: int, hi: int, where: str) -> int:
     if not lo <= v <= hi:
         raise ActsparseError(f"{where}: manifest field '{key}' is {v}, outside [{lo}, {hi}]")
     return v
+
+
+def _int_or_none(v: object, lo: int, hi: int) -> int | None:
+    """``v`` if it is an integer in ``[lo, hi]`` (an optional record: anything else reads as absent)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi else None
 
 
 def _opt_str(d: dict, key: str) -> str | None:
@@ -583,13 +615,13 @@ class ModelInfo:
         wid = d.get("weights_id")
         if not isinstance(wid, str) or not ID_RE.match(wid):
             raise ActsparseError(f"{where}: manifest weights_id {wid!r} is not a valid id")
-        ints = {k: d[k] if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) else None
-                for k in ("max_position_embeddings", "vocab_size", "n_params")}
+        ints = {k: _int_or_none(d.get(k), 1, MAX_TOKENS) for k in ("max_position_embeddings", "vocab_size", "n_params")}
         return cls(spec=_need(d, "spec", str, w), name=_need(d, "name", str, w),
                    weights_sha256=_need(d, "weights_sha256", str, w), weights_id=wid,
                    ffn=FFNInfo.from_dict(d.get("ffn"), where), source=_opt_str(d, "source"),
                    license=_opt_str(d, "license"), architecture=_opt_str(d, "architecture"),
-                   model_type=_opt_str(d, "model_type"), tokenizer=d.get("tokenizer") or {}, **ints)
+                   model_type=_opt_str(d, "model_type"),
+                   tokenizer=d["tokenizer"] if isinstance(d.get("tokenizer"), dict) else {}, **ints)
 
 
 @dataclass(frozen=True)
@@ -611,7 +643,7 @@ class CorpusInfo:
         n = d.get("n_documents")
         return cls(spec=_need(d, "spec", str, w), name=_need(d, "name", str, w), sha256=_need(d, "sha256", str, w),
                    license=_opt_str(d, "license"), description=_opt_str(d, "description"),
-                   n_documents=n if isinstance(n, int) and not isinstance(n, bool) else None)
+                   n_documents=_int_or_none(n, 0, MAX_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -864,6 +896,13 @@ class Manifest:
             raise ActsparseError(f"run {self.run_id} has no array '{name}' (stored: {', '.join(self.array_names)})")
         return spec
 
+    def collected_sites(self) -> list[str]:
+        """The stored sites in the order the collection config lists them (``sites`` is in manifest order)."""
+        given = self.config.get("sites")
+        if isinstance(given, list) and sorted(map(str, given)) == sorted(self.arrays):
+            return [str(s) for s in given]
+        return list(self.sites)
+
     @property
     def ffn(self) -> FFNInfo:
         return self.model.ffn
@@ -887,8 +926,7 @@ class Manifest:
 
     @property
     def seq_len(self) -> int | None:
-        v = self.config.get("seq_len")
-        return v if isinstance(v, int) else None
+        return _int_or_none(self.config.get("seq_len"), 1, MAX_TOKENS)
 
     @property
     def stored_dtype(self) -> str:
@@ -925,6 +963,9 @@ class Manifest:
         model, corpus = ModelInfo.from_dict(d.get("model"), where), CorpusInfo.from_dict(d.get("corpus"), where)
         n_tokens = _bounded(d, "n_tokens", 1, MAX_TOKENS, where)
         chunk_tokens = _bounded(d, "chunk_tokens", 1, MAX_CHUNK_TOKENS, where)
+        if n_parts(n_tokens, chunk_tokens) > MAX_SHARDS:
+            raise ActsparseError(f"{where}: manifest's n_tokens {n_tokens} in chunks of {chunk_tokens} make "
+                                 f"{n_parts(n_tokens, chunk_tokens)} shards, more than {MAX_SHARDS}")
         n_sequences = d.get("n_sequences", 1)
         if not isinstance(n_sequences, int) or isinstance(n_sequences, bool) or not 1 <= n_sequences <= n_tokens:
             raise ActsparseError(f"{where}: manifest field 'n_sequences' is {n_sequences!r}, not in [1, n_tokens]")
@@ -992,12 +1033,13 @@ class Manifest:
         return dict(
             run_id=self.run_id, model=self.model_spec, model_name=self.model.name, architecture=self.model.architecture,
             weights_sha256=self.model.weights_sha256, corpus=self.corpus.spec, corpus_sha256=self.corpus.sha256,
-            split=self.split, sites=list(self.config.get("sites") or self.sites), n_layers=ffn.n_layers,
+            split=self.split, sites=self.collected_sites, n_layers=ffn.n_layers,
             d_model=ffn.d_model, d_ff=ffn.d_ff, activation=ffn.activation, n_tokens=self.n_tokens,
             n_sequences=self.n_sequences, seq_len=self.seq_len, stored_dtype=self.stored_dtype,
             compute_dtype=self.compute_dtype, created=self.created, completed=self.completed,
-            bytes=self.stats.get("bytes_on_disk"), n_params=self.model.n_params, model_type=self.model.model_type,
-            n_experts=self.moe.n_experts if self.moe else None, top_k=self.moe.top_k if self.moe else None,
+            bytes=_int_or_none(self.stats.get("bytes_on_disk"), 0, MAX_BYTES), n_params=self.model.n_params,
+            model_type=self.model.model_type, n_experts=self.moe.n_experts if self.moe else None,
+            top_k=self.moe.top_k if self.moe else None,
         )
 
 

@@ -47,11 +47,12 @@ from actsparse.pipeline.collect import (
     CollectConfig,
     Plan,
     ShardStatistics,
-    completed_shards,
     finish_run,
     opened_for_finish,
     plan,
+    read_manifest,
 )
+from actsparse.pipeline.resume import completed_shards, verified_shards
 from actsparse.pipeline.store_root import create_store
 
 # show(rows, title): a live view of the job matrix (``actsparse.cli.output.live_table``)
@@ -113,7 +114,7 @@ def run_batch(configs: Sequence[CollectConfig], store: str | Path, opts: RayOpti
     jobs = [JobReport(i, cfg) for i, cfg in enumerate(configs, 1)]
     # plan (tokenize, hash, lock) on a thread while Ray and the workers start: both take seconds
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="actsparse-plan") as pool:
-        planned = pool.submit(_plan_jobs, jobs, paths, device)
+        planned = pool.submit(_plan_jobs, jobs, paths, device, statistics is not None, log)
         try:
             with ray_session(opts) as ray:
                 n = n_workers(ray, opts)
@@ -144,9 +145,11 @@ def run_batch(configs: Sequence[CollectConfig], store: str | Path, opts: RayOpti
     return jobs
 
 
-def _plan_jobs(jobs: list[JobReport], paths: fmt.StorePaths, device: str) -> list[_Run]:
+def _plan_jobs(jobs: list[JobReport], paths: fmt.StorePaths, device: str, with_stats: bool,
+               log: Callable[[str], None]) -> list[_Run]:
     """Plan every job and take the writer lock of each run to collect; a job that cannot be planned fails
-    alone, a complete run (or a second job of the same run) is skipped."""
+    alone, a complete run (or a second job of the same run) is skipped. A resumed run keeps only the shards
+    that match their records (``pipeline.resume.verified_shards``, as a local collection does)."""
     runs: list[_Run] = []
     for job in jobs:
         try:
@@ -167,7 +170,10 @@ def _plan_jobs(jobs: list[JobReport], paths: fmt.StorePaths, device: str) -> lis
             except OSError as e:
                 raise disk_error(e, f"creating run {p.run_id}") from e
             n_parts = fmt.n_parts(p.n_tokens, p.cfg.chunk_tokens)
-            missing = sorted(set(range(n_parts)) - completed_shards(run_dir, n_parts))
+            existing = _manifest(run_dir)
+            done = (completed_shards(run_dir, n_parts) if existing is None or existing.n_parts != n_parts
+                    else verified_shards(run_dir, existing, with_stats=with_stats, log=log))
+            missing = sorted(set(range(n_parts)) - done)
             job.tokens_done = p.n_tokens - sum(min(p.cfg.chunk_tokens, p.n_tokens - k * p.cfg.chunk_tokens)
                                                for k in missing)
             key = (p.resolved.weights_sha256, p.cfg.compute_dtype, p.cfg.trust_remote_code, p.device)
@@ -177,14 +183,17 @@ def _plan_jobs(jobs: list[JobReport], paths: fmt.StorePaths, device: str) -> lis
     return runs
 
 
-def _complete(run_dir: Path) -> bool:
-    path = run_dir / fmt.MANIFEST
-    if not path.is_file():
-        return False
+def _manifest(run_dir: Path) -> fmt.Manifest | None:
+    """The run's manifest, or None when there is none or it is damaged (its preparation rewrites it)."""
     try:
-        return fmt.Manifest.from_json(path.read_bytes(), f"run {run_dir.name}").complete
+        return read_manifest(run_dir)
     except ActsparseError:
-        return False  # a damaged manifest of an incomplete run is rewritten by its preparation
+        return None
+
+
+def _complete(run_dir: Path) -> bool:
+    m = _manifest(run_dir)
+    return m is not None and m.complete
 
 
 def _start(ray, actors: list, timeout_s: float) -> list[str]:

@@ -19,9 +19,10 @@ from pathlib import Path
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.pipeline.arrays import single_threaded_blosc
-from actsparse.pipeline.collect import Plan, ShardStatistics, collect_shards, completed_shards, ensure_prepared
+from actsparse.pipeline.collect import Plan, ShardStatistics, collect_shards, ensure_prepared
 from actsparse.pipeline.device import resolve_device, to_device
 from actsparse.pipeline.models import load_model, resolve_model
+from actsparse.pipeline.resume import completed_shards
 
 
 @dataclass(frozen=True)

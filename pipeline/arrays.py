@@ -10,15 +10,18 @@ reproduces.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from actsparse.core import format as fmt
+from actsparse.core.checksums import crc32c_file
 from actsparse.core.errors import ActsparseError
 
-ShardWrite = Callable[[int, np.ndarray], None]
+# write(k, block) -> {path of each file written, relative to the activations directory: (crc32c hex, size)}
+ShardWrite = Callable[[int, np.ndarray], dict[str, tuple[str, int]]]
 
 
 def compressor(typesize: int):
@@ -83,16 +86,27 @@ def create_arrays(act_dir: Path, specs: dict[str, fmt.ArraySpec]) -> dict:
 def shard_writes(arrays: dict, act_dir: Path, chunk_tokens: int) -> dict[str, ShardWrite]:
     """``{site: write(k, block)}``: shard k of a site from ``block`` ``[layers, n, *inner]``, through
     ``actsparse.pipeline.shards.ShardWriter`` (the same bytes for about half zarr's CPU) where the array's
-    layout is the one it reproduces, else through zarr."""
+    layout is the one it reproduces, else through zarr (and the files' crc32c read back). Each write returns
+    the crc32c and size of the files it wrote, by path relative to ``act_dir``."""
     from actsparse.pipeline.shards import ShardWriter
 
-    def via_zarr(arr) -> ShardWrite:
-        def write(k: int, block: np.ndarray) -> None:
-            arr[:, k * chunk_tokens:k * chunk_tokens + block.shape[1], :] = block
+    def via_zarr(arr, site: str) -> ShardWrite:
+        def write(k: int, block: np.ndarray) -> dict[str, tuple[str, int]]:
+            start, stop = k * chunk_tokens, k * chunk_tokens + block.shape[1]
+            arr[:, start:stop] = block
+            # the storage keys (shards, or chunks of an unsharded array) the token range lies in
+            outer = arr.metadata.chunk_grid.chunk_shape
+            ranges = [range(-(-n // c)) for n, c in zip(arr.shape, outer)]
+            ranges[1] = range(start // outer[1], (stop - 1) // outer[1] + 1)
+            keys = [arr.metadata.encode_chunk_key(idx) for idx in itertools.product(*ranges)]
+            return {f"{site}/{key}": crc32c_file(act_dir / site / key) for key in keys}
         return write
+
+    def fast_path(writer: ShardWriter, site: str) -> ShardWrite:
+        return lambda k, block: {f"{site}/{writer.key(k)}": writer.write(k, block)}
 
     writes = {}
     for site, arr in arrays.items():
         fast = ShardWriter.for_array(arr, act_dir / site)
-        writes[site] = fast.write if fast is not None else via_zarr(arr)
+        writes[site] = fast_path(fast, site) if fast is not None else via_zarr(arr, site)
     return writes

@@ -14,9 +14,11 @@ A run is collected in four steps, each a function of its own:
    the catalogue, once every shard is there.
 
 Resume: windows, batches and shard boundaries are a pure function of the run config, and a shard's token
-part is written last, so a killed run restarts with the shards that have no token part and re-computes
-exactly the same bytes. Per-token statistics are not computed here: the caller passes them in
-(``statistics``, e.g. ``actsparse.analyze.token_stats.TOKEN_STATS``), which keeps this layer free of analysis.
+part is written last, after the shard's files are on disk and their digests recorded (``fmt.shard_record``),
+so a killed run restarts with the shards that have no token part, checks the ones it keeps against their
+records (a damaged one is written again: ``actsparse.pipeline.resume``), and re-computes exactly the same
+bytes. Per-token statistics are not computed here: the caller passes them in (``statistics``, e.g.
+``actsparse.analyze.token_stats.TOKEN_STATS``), which keeps this layer free of analysis.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ import numpy as np
 from actsparse.core import format as fmt
 from actsparse.core.checksums import parse_checksums, write_checksums
 from actsparse.core.errors import ActsparseError
-from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_error, exclusive_lock
+from actsparse.core.files import (
+    NotRegularFile,
+    atomic_write_json,
+    atomic_write_parquet,
+    disk_error,
+    exclusive_lock,
+    read_regular,
+)
 from actsparse.core.progress import ProgressFactory
 from actsparse.core.vocab import SITES
 from actsparse.pipeline.arrays import create_arrays, shard_writes, single_threaded_blosc
@@ -47,6 +56,7 @@ from actsparse.pipeline.capture import DenseCapture, MoECapture, check_resumable
 from actsparse.pipeline.corpora import Corpus, open_corpus
 from actsparse.pipeline.device import AUTO, ShardCopier, declared_dtype, forward_dtype, resolve_device, to_device
 from actsparse.pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from actsparse.pipeline.resume import completed_shards, verified_shards
 from actsparse.pipeline.store_root import create_store, write_catalogue
 from actsparse.pipeline.windows import Window, batches, iter_windows, pad_batch
 from actsparse.pipeline.writer import ShardJob, ShardPool, Writer
@@ -127,7 +137,7 @@ class CollectResult:
     manifest: fmt.Manifest | None = None
 
 
-OnShard = Callable[[int, dict, dict], Callable[[], object] | None]
+OnShard = Callable[[int, dict, dict], Callable[[], list[Path]] | None]
 
 
 class ShardStatistics(Protocol):
@@ -136,7 +146,8 @@ class ShardStatistics(Protocol):
     ``warm_up()`` runs in a thread while the model loads (e.g. compiling a kernel); ``for_run(run_dir,
     manifest)`` returns ``on_shard(k, blocks, token_rows)``, called on the main thread with the stored numpy
     blocks ``{site: [layers, n, width]}`` and the shard's token rows, which may return a callable that the
-    writer runs after the shard's arrays and before its token part.
+    writer runs after the shard's arrays and before its token part, returning the paths of the files it wrote
+    inside the run (recorded in the shard's digests and flushed to disk with its arrays).
     """
 
     def warm_up(self) -> None: ...
@@ -220,7 +231,7 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
     except OSError as e:
         raise disk_error(e, f"creating run {p.run_id}") from e
     with exclusive_lock(run_dir / fmt.LOCK, f"run {p.run_id}"):
-        existing = _read_manifest(run_dir)
+        existing = read_manifest(run_dir)
         if existing is not None and existing.complete:
             log(f"run {p.run_id} is already complete ({p.n_tokens} tokens); nothing to do")
             return CollectResult(p.run_id, run_dir, "already-complete", p.n_tokens, manifest=existing)
@@ -233,9 +244,10 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
                 run = prepare_run(p, paths, created=existing.created if existing is not None else None)
                 if warm is not None:
                     warm.join()
-                done = completed_shards(run_dir, run.manifest.n_parts)
+                done = verified_shards(run_dir, run.manifest, with_stats=statistics is not None, log=log)
                 if done:
-                    log(f"resuming run {p.run_id}: {len(done)} of {run.manifest.n_parts} shards already written")
+                    log(f"resuming run {p.run_id}: {len(done)} of {run.manifest.n_parts} shards already written "
+                        "and checked")
                 elif cfg.max_tokens is not None and p.n_tokens < cfg.max_tokens:
                     log(f"corpus {p.corpus.name} split '{cfg.split}' holds {p.n_tokens} tokens, fewer than "
                         f"--max-tokens {cfg.max_tokens}: collecting all of them")
@@ -254,16 +266,19 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
                          timings.forward_s, manifest)
 
 
-def _read_manifest(run_dir: Path) -> fmt.Manifest | None:
-    path = run_dir / fmt.MANIFEST
-    if not path.is_file():
+def read_manifest(run_dir: Path) -> fmt.Manifest | None:
+    """The run's manifest, or None when it has none yet (read bounded: ``fmt.MAX_METADATA_BYTES``).
+
+    Raises:
+        ActsparseError: an invalid or oversized manifest, or one that is not a regular file.
+    """
+    try:
+        data = read_regular(run_dir / fmt.MANIFEST, fmt.MAX_METADATA_BYTES, "manifest")
+    except FileNotFoundError:
         return None
-    return fmt.Manifest.from_json(path.read_bytes(), f"run {run_dir.name}")
-
-
-def completed_shards(run_dir: Path, n: int) -> set[int]:
-    """The shards of a run (of ``n``) whose token part exists, i.e. that are completely written."""
-    return {k for k in range(n) if (run_dir / fmt.token_part(k)).is_file()}
+    except NotRegularFile as e:
+        raise ActsparseError(f"run {run_dir.name}: {e}") from e
+    return fmt.Manifest.from_json(data, f"run {run_dir.name}")
 
 
 # ---------------------------------------------------------------- prepare
@@ -307,7 +322,7 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, m
     capture = resolve_capture(model)
     capture.check_sites(cfg.sites, type(model).__name__)
     run_dir = paths.run_dir(p.run_id)
-    check_resumable(_read_manifest(run_dir), capture)
+    check_resumable(read_manifest(run_dir), capture)
     wid = capture.weights_id(p.resolved.weights_sha256, cfg.compute_dtype)
     capture.write_weights(paths, wid)
     specs, moe_specs = capture.array_specs(cfg.sites, p.n_tokens, cfg.chunk_tokens, cfg.dtype)
@@ -343,7 +358,7 @@ def ensure_prepared(p: Plan, paths: fmt.StorePaths, *, model=None) -> PreparedRu
     Raises:
         ActsparseError: as :func:`prepare_run`, or the run is already complete.
     """
-    existing = _read_manifest(paths.run_dir(p.run_id))
+    existing = read_manifest(paths.run_dir(p.run_id))
     if existing is not None and existing.complete:
         raise ActsparseError(f"run {p.run_id} is already complete; refusing to reopen it")
     return prepare_run(p, paths, created=existing.created if existing is not None else None, model=model)
@@ -357,7 +372,7 @@ def opened_for_finish(p: Plan, paths: fmt.StorePaths) -> PreparedRun:
         ActsparseError: the run has no manifest (it was never prepared), or an invalid one.
     """
     run_dir = paths.run_dir(p.run_id)
-    manifest = _read_manifest(run_dir)
+    manifest = read_manifest(run_dir)
     if manifest is None:
         raise ActsparseError(f"run {p.run_id} was never prepared (no {fmt.MANIFEST}); run left incomplete")
     return PreparedRun(p, paths, run_dir, None, None, manifest)

@@ -152,9 +152,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _hash_checkpoint(path: Path) -> str:
+    """sha256 over a checkpoint's weight files (names and contents).
+
+    Raises:
+        ActsparseError: no weight files, or pickle weights only (``*.bin``): actsparse never loads pickle, which
+            can run arbitrary code (transformers loads it with ``torch.load``).
+    """
     files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
     if not files:
-        raise ActsparseError(f"no weight files (*.safetensors, *.bin) in {path}")
+        raise ActsparseError(f"no weight files (*.safetensors) in {path}")
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ActsparseError(f"{path} holds pickle weights only ({files[0].name}); actsparse never loads pickle: "
+                             "save the model as safetensors (save_pretrained(dir, safe_serialization=True))")
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
@@ -235,18 +244,20 @@ def load_model(resolved: ResolvedModel, dtype: str = "float32"):
         ActsparseError: the checkpoint cannot be loaded by transformers.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    kw = dict(trust_remote_code=resolved.trust_remote_code)
+    # safetensors only: never a pickle (*.bin), whatever else the checkpoint holds
+    kw = dict(trust_remote_code=resolved.trust_remote_code, use_safetensors=True)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype, **kw)
         except ValueError:
             model = AutoModel.from_pretrained(resolved.path, dtype=torch_dtype, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged or foreign checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ActsparseError(f"cannot load model {resolved.spec}: {first}") from e
     return model.eval()

@@ -19,6 +19,7 @@ import numpy as np
 from actsparse.core import format as fmt
 from actsparse.core.codec import decode
 from actsparse.core.errors import ActsparseError
+from actsparse.core.files import NotRegularFile, read_regular
 
 
 def _fs(url: str):
@@ -53,13 +54,13 @@ class StoreReader:
         self.fs, self.root = _fs(url)
         marker = f"{self.root}/{fmt.STORE_FILE}"
         try:
-            meta = json.loads(self.fs.cat_file(marker))
+            meta = json.loads(self.read(fmt.STORE_FILE, fmt.MAX_METADATA_BYTES))
         except FileNotFoundError:
             raise ActsparseError(f"{url} is not an actsparse store (no {fmt.STORE_FILE})") from None
         except NotADirectoryError:
             raise ActsparseError(f"store path {url} is a file, not a directory") from None
-        except (OSError, ValueError) as e:
-            raise ActsparseError(f"cannot read {marker}: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise ActsparseError(f"cannot read {marker}: {str(e).splitlines()[0][:200] if str(e) else e!r}") from None
         self.format_version: int = fmt.check_store_marker(meta, str(url))
         if not _is_local(self.fs):
             self._check_ranges(marker)
@@ -87,6 +88,33 @@ class StoreReader:
         """The URL (or local path) of a store-relative path given in ``parts`` (joined with ``/``)."""
         return "/".join([self.root, *parts])
 
+    def read(self, rel: str, limit: int, what: str = "store file") -> bytes:
+        """The bytes of a store file (``rel``, store-relative) of at most ``limit`` bytes.
+
+        Local files are opened as regular files only (``actsparse.core.files.open_regular``: a FIFO would
+        block, a symbolic link lead outside the store), and no more than ``limit + 1`` bytes are read
+        anywhere, so a huge or endless file is refused at the cost of a small one.
+
+        Raises:
+            FileNotFoundError, NotADirectoryError: no such file.
+            ActsparseError: not a regular file, larger than ``limit``, or unreadable.
+        """
+        url = self.path(rel)
+        if self.is_local:
+            try:
+                return read_regular(url, limit, what)
+            except NotRegularFile as e:
+                raise ActsparseError(f"{rel} in {self.url} is {e.what}; a store holds regular files only") from None
+            except (FileNotFoundError, NotADirectoryError):
+                raise
+            except OSError as e:
+                raise ActsparseError(f"cannot read {rel} in {self.url}: {e.strerror or e}") from None
+        with self.fs.open(url, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ActsparseError(f"{url}: larger than the {limit} bytes a {what} may hold")
+        return data
+
     def listed_run_ids(self) -> list[str] | None:
         """Run ids found by listing ``runs/``, or None where the filesystem cannot list it."""
         try:
@@ -106,12 +134,12 @@ class StoreReader:
         import pyarrow.parquet as pq
 
         try:
-            raw = self.fs.cat_file(self.path(fmt.CATALOGUE))
+            raw = self.read(fmt.CATALOGUE, fmt.MAX_CATALOGUE_BYTES, "catalogue")
         except FileNotFoundError:
             return []
         try:
             ids = pq.read_table(pa.BufferReader(raw), columns=["run_id"]).column("run_id").to_pylist()
-        except (pa.ArrowException, KeyError) as e:
+        except (pa.ArrowException, KeyError, ValueError) as e:
             raise ActsparseError(f"{self.path(fmt.CATALOGUE)} is not a readable catalogue ({e})") from None
         return sorted({i for i in ids if isinstance(i, str) and fmt.ID_RE.match(i)})
 
@@ -131,8 +159,15 @@ class StoreReader:
         A run whose manifest cannot be read or does not validate is left out, so one damaged run does not
         hide the others (``actsparse runs`` lists it as damaged; opening it by id raises).
         """
+        listed = self.listed_run_ids()
+        try:
+            catalogued = self.catalogue_run_ids()
+        except ActsparseError:
+            if listed is None:
+                raise  # without a listing the catalogue is all there is
+            catalogued = []  # a damaged catalogue: the listing finds every run (`actsparse verify` reports it)
         found = {}
-        for i in sorted(set(self.listed_run_ids() or ()) | set(self.catalogue_run_ids())):
+        for i in sorted(set(listed or ()) | set(catalogued)):
             try:
                 m = self.manifest(i, missing_ok=True)
             except ActsparseError:
@@ -150,8 +185,8 @@ class StoreReader:
         """
         where = f"run {fmt.check_id(run_id)}"
         try:
-            raw = self.fs.cat_file(self.path(fmt.run_path(run_id, fmt.MANIFEST)))
-        except FileNotFoundError:
+            raw = self.read(fmt.run_path(run_id, fmt.MANIFEST), fmt.MAX_METADATA_BYTES, "manifest")
+        except (FileNotFoundError, NotADirectoryError):  # runs/<id> may be a file
             if missing_ok:
                 return None
             raise ActsparseError(f"{where} has no manifest") from None
@@ -360,11 +395,21 @@ class Run:
         for k in range(self.n_parts):
             rel = fmt.run_path(self.run_id, fmt.token_part(k))
             try:
-                raw = self.store.fs.cat_file(self.store.path(rel))
+                raw = self.store.read(rel, fmt.MAX_PART_BYTES, "token part")
             except FileNotFoundError:
                 raise ActsparseError(f"{rel} is missing from {self.store.url}; "
                                      "check the store with `actsparse verify`") from None
-            tables.append(pq.read_table(pa.BufferReader(raw)))
+            try:
+                table = pq.read_table(pa.BufferReader(raw), schema=fmt.arrow_schema(fmt.TOKENS_COLUMNS))
+            except (pa.ArrowException, ValueError) as e:
+                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise ActsparseError(f"{rel} in {self.store.url} is not a readable token part ({why}); "
+                                     "check the store with `actsparse verify`") from None
+            start, stop = fmt.shard_tokens(k, self.chunk_tokens, self.n_tokens)
+            if table.num_rows != stop - start:
+                raise ActsparseError(f"{rel} in {self.store.url} holds {table.num_rows} rows, not the "
+                                     f"{stop - start} tokens of its shard; check the store with `actsparse verify`")
+            tables.append(table)
         return pl.from_arrow(pa.concat_tables(tables))
 
     def special_mask(self) -> np.ndarray:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from actsparse.core.checksums import crc32c_of
+
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 _SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 _BLOSC_KEYS = {"cname", "clevel", "shuffle", "blocksize", "typesize"}
@@ -105,17 +107,25 @@ class ShardWriter:
         index_bytes = index.tobytes()
         return [*chunks, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")]
 
-    def write(self, k: int, block: np.ndarray) -> None:
+    def key(self, k: int) -> str:
+        """The storage key of shard ``k`` (``c/0/k/0``), relative to the array's directory."""
+        return self._key_of((0, k, *([0] * (len(self.shard_shape) - 2))))
+
+    def write(self, k: int, block: np.ndarray) -> tuple[str, int]:
         """Write shard ``k`` along the token axis (tokens ``[k*T, k*T + n)``) from ``block`` ``[layers, n, *inner]``.
+
+        Returns:
+            ``(crc32c hex, size)`` of the bytes written, computed from them in memory (no re-read).
 
         Raises:
             ValueError: a block that is not ``[layers, 1..T, *inner]`` of the array's dtype.
             OSError: the file cannot be written (the caller reports it as a disk error).
         """
         data = self.encode(block)
-        path = self.directory / self._key_of((0, k, *([0] * (len(self.shard_shape) - 2))))
+        path = self.directory / self.key(k)
         path.parent.mkdir(parents=True, exist_ok=True)
         # a plain write, as zarr's LocalStore does: the token part written after it marks the shard complete
         with open(path, "wb", buffering=0) as f:
             for part in data:
                 f.write(part)
+        return crc32c_of(data)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from actsparse.core import format as fmt
-from actsparse.core.files import atomic_write_parquet
+from actsparse.core.checksums import crc32c_file, shard_record_doc
+from actsparse.core.files import atomic_write_json, atomic_write_parquet, sync_data
 from actsparse.pipeline.arrays import ShardWrite
 
 
@@ -51,7 +52,8 @@ class ShardPool:
 class ShardJob:
     """One complete shard to write: ``blocks[site]`` ``[layers, n, width]`` (views into ``bufs``), its token
     rows (pyarrow arrays of ``TOKENS_COLUMNS``), the buffer set to release, and ``extra``: work to run after
-    the arrays and before the token part (the shard's statistics), or None."""
+    the arrays and before the token part (the shard's statistics) that returns the paths of the files it
+    wrote inside the run (recorded and synced with the arrays), or None."""
 
     k: int
     blocks: dict[str, np.ndarray]
@@ -81,17 +83,23 @@ class Writer(threading.Thread):
             self._write(job)
 
     def _write(self, job: ShardJob) -> None:
+        """Write one shard: its arrays, its extra files (statistics), then, once all of them are on disk
+        (``fdatasync``), the record of their digests and last the token part that marks the shard complete.
+        So a crash at any point leaves the shard either complete and durable or without its token part, and
+        a shard damaged later is told by its record when the run resumes (``collect.verified_shards``)."""
         import pyarrow as pa
 
         t0 = time.perf_counter()
         try:
             if self.error is None:
-                for site, block in job.blocks.items():
-                    self.writes[site](job.k, block)
-                if job.extra is not None:
-                    job.extra()
+                files = {f"{fmt.ACTIVATIONS}/{rel}": digest for site, block in job.blocks.items()
+                         for rel, digest in self.writes[site](job.k, block).items()}
+                for path in (job.extra() if job.extra is not None else None) or ():
+                    files[Path(path).relative_to(self.run_dir).as_posix()] = crc32c_file(path)
+                sync_data([self.run_dir / rel for rel in files])
+                atomic_write_json(self.run_dir / fmt.shard_record(job.k), shard_record_doc(job.k, files))
                 table = pa.table(job.token_rows, schema=fmt.arrow_schema(fmt.TOKENS_COLUMNS))
-                atomic_write_parquet(self.run_dir / fmt.token_part(job.k), table)
+                atomic_write_parquet(self.run_dir / fmt.token_part(job.k), table, fsync=True)
         except BaseException as e:  # re-raised on the main thread
             self.error = e
         finally:

@@ -3,7 +3,7 @@
 -- param run_a RUN: first run (id or unique prefix)
 -- param run_b RUN: second run (id or unique prefix)
 -- param site SITE = 'intermediate': FFN site
--- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
+-- param p DOUBLE [0.5, 0.99] = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
 -- columns: layer, depth_a, depth_b, sparsity_a, sparsity_b, sparsity_diff, l1_a, l1_b, max_abs_a, max_abs_b,
 --   n_tokens_a, n_tokens_b
 WITH per_layer AS (

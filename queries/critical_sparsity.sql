@@ -3,7 +3,7 @@
 -- param target TARGET = NULL: only this target (NULL: every target)
 -- param rule RULE = 'top-p': only this rule (NULL: every rule)
 -- param metric VARCHAR = NULL: only this error metric (NULL: every metric)
--- param tolerance DOUBLE = NULL: only this tolerance (NULL: every tolerance)
+-- param tolerance DOUBLE [0, 1000000] = NULL: only this tolerance (NULL: every tolerance)
 -- columns: model_name, corpus, run_id, target, rule, metric, tolerance, critical_sparsity_interp,
 --   critical_sparsity_grid, critical_value_grid, label, analysis_id
 SELECT r.model_name, r.corpus, c.run_id, c.target, c.rule, c.metric, c.tolerance, c.critical_sparsity_interp,

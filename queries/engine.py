@@ -4,59 +4,72 @@
 defines the views of :mod:`actsparse.queries.views` over all of its complete runs: ``runs``, ``layers``,
 ``tokens``, ``token_stats`` and one per result kind (``curves``, ``critical_sparsity``, ``evaluations``,
 ``evaluation_layers``, ``evaluation_critical``). The result views exist (empty, with their documented
-columns) before any analysis has run.
+columns) before any analysis has run. A run whose listed parts are missing is left out of every view, and
+said so (:attr:`Store.left_out`), so a damaged run neither breaks the queries of the others nor shrinks
+their results silently.
 
-Read-only, by construction rather than by convention: only single ``SELECT`` statements (and
-``EXPLAIN`` of one) are executed; DuckDB's external access is switched off except for the store's own
-directory, and the configuration is then locked, so a query can neither write a file (``COPY ... TO``,
-``ATTACH``, ``EXPORT``) nor change those settings. Memory is bounded (``memory_limit``, ``threads``)
-and DuckDB's spill files go to a private temporary directory outside the store (docs/pitfalls.md P10).
+Read-only, by two barriers (docs/pitfalls.md P10, "hostile stores"):
 
-Remote stores: DuckDB's own httpfs is not used; the store's fsspec filesystem is registered with
-DuckDB behind a read-only wrapper (protocol ``actsparse://``).
+* the statement: exactly one SELECT (or EXPLAIN of one) whose parse holds no write anywhere, nested ones
+  included (:mod:`actsparse.queries.guard`);
+* the engine: every store, local or remote, is registered with DuckDB behind a read-only filesystem wrapper
+  (protocol ``actsparse://``, which refuses to open anything for writing), DuckDB's external access is switched
+  off except for that protocol, and the configuration is then locked, so no path DuckDB may touch is writable
+  and ``COPY ... TO``, ``ATTACH`` or ``EXPORT`` cannot write a file whatever statement got through. The
+  ``runs`` and ``layers`` tables are views over Arrow data, which no statement can change.
+
+Work is bounded: memory (``memory_limit``, ``threads``), spill (``max_spill``: DuckDB's
+``max_temp_directory_size``, in a private directory outside the store that is removed on every exit,
+:mod:`actsparse.queries.spill`), and a running query stops at Ctrl-C (DuckDB's ``interrupt``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import re
-import shutil
-import tempfile
-import weakref
+import threading
+import time
+import warnings
 from pathlib import Path
 
 from actsparse.core import format as fmt
-from actsparse.core.errors import ActsparseError
+from actsparse.core.errors import ActsparseError, Interrupted
+from actsparse.core.files import NotRegularFile, open_regular
+from actsparse.core.parsing import byte_size
 from actsparse.queries import views
+from actsparse.queries.guard import check_read_only, one_line
+from actsparse.queries.spill import SpillDir
 
 DEFAULT_MEMORY_LIMIT = "2GB"
-_REMOTE = "actsparse"  # protocol of the read-only wrapper a remote store is registered under
+DEFAULT_MAX_SPILL = "20GB"
+MIN_MEMORY = 64 * 2**20  # DuckDB cannot run the views' queries below this
+CLOSE_WAIT_S = 30.0
+PROTOCOL = "actsparse"  # what DuckDB sees: actsparse://<store-relative path>, through the read-only wrapper
 
 
-def one_line(e: BaseException) -> str:
-    """DuckDB's error message on one line: the caret and ``LINE n:`` context lines are dropped."""
-    lines = [ln.strip() for ln in str(e).splitlines()]
-    return " ".join(ln for ln in lines if ln and not ln.startswith("LINE ") and set(ln) - set("^ "))
-
-
-def _read_only_fs(fs, root: str):
+def _read_only_fs(fs, root: str, local: bool):
     """A read-only fsspec filesystem over ``root`` of ``fs``, for registering with DuckDB.
 
-    DuckDB sees paths ``actsparse://<store-relative path>``; opening one for anything but reading fails.
+    DuckDB sees paths ``actsparse://<store-relative path>``; opening one for anything but reading fails, and
+    local files are opened as regular files only (a FIFO would block the query forever).
     """
     from fsspec import AbstractFileSystem
 
     class ReadOnlyStoreFS(AbstractFileSystem):
-        protocol = _REMOTE
+        protocol = PROTOCOL
         cachable = False  # one instance per Store: never shared through fsspec's instance cache
 
         def _url(self, path: str) -> str:
-            return f"{root}/{str(path).removeprefix(f'{_REMOTE}://').lstrip('/')}"
+            return f"{root}/{str(path).removeprefix(f'{PROTOCOL}://').lstrip('/')}"
 
         def _open(self, path, mode="rb", **kwargs):
             if mode != "rb":
                 raise PermissionError(f"the store is read-only (open {path!r} mode {mode!r} refused)")
+            if local:
+                try:
+                    return open_regular(self._url(path))
+                except NotRegularFile as e:
+                    raise PermissionError(f"{path} is {e.what}; a store holds regular files only") from None
             return fs.open(self._url(path), "rb")
 
         def info(self, path, **kwargs):
@@ -76,27 +89,46 @@ class Store:
 
     Args:
         path_or_url: local directory or fsspec URL of the store root (``http(s)://``, ``s3://`` ...).
-        memory_limit: DuckDB's memory limit (e.g. ``"2GB"``); larger results spill to a temporary
-            directory outside the store.
+        memory_limit: DuckDB's memory limit (e.g. ``"2GB"``, at least 64MiB); larger results spill to a
+            temporary directory outside the store.
         threads: DuckDB worker threads (default: the number of CPUs, at most 4).
+        max_spill: the most a query may spill to disk (``"20GB"``); beyond it the query fails.
+
+    Attributes:
+        left_out: ``{run id: why}`` of complete runs left out of every view because a part their records list
+            is missing or unreadable (``actsparse verify`` names every problem); also given as a warning.
+        notes: other things the views leave out (a listed result file that is missing), one line each.
 
     Raises:
-        ActsparseError: not an actsparse store, a newer format, or an unreadable manifest.
+        ActsparseError: not an actsparse store, a newer format, a bad memory or spill limit.
     """
 
     def __init__(self, path_or_url: str | Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT,
-                 threads: int | None = None):
+                 threads: int | None = None, max_spill: str = DEFAULT_MAX_SPILL):
         from actsparse.pipeline.reader import StoreReader
 
+        byte_size(memory_limit, "--memory-limit", MIN_MEMORY)
+        byte_size(max_spill, "--max-spill")
+        if threads is not None and not 1 <= int(threads) <= 1024:
+            raise ActsparseError(f"--threads must be in [1, 1024] (got {threads})")
+        self._con = None
         self.reader = StoreReader(str(path_or_url))
         self.url = self.reader.url
         self.local = self.reader.is_local
-        self.manifests = self.reader.manifests()
-        self._files = views.StoreFiles(self.reader, self.manifests)
-        self._tmp = tempfile.mkdtemp(prefix="actsparse-duckdb-")
-        self._con = None
-        self._finalizer = weakref.finalize(self, Store._cleanup, self._tmp)
-        self._connect(memory_limit, threads)
+        found = self.reader.manifests()
+        self._files = views.StoreFiles(self.reader, found)
+        self.left_out: dict[str, str] = dict(self._files.left_out)
+        self.notes: list[str] = list(self._files.notes)
+        self.manifests = {rid: m for rid, m in found.items() if rid not in self.left_out}
+        for rid, why in self.left_out.items():
+            warnings.warn(f"run {rid} left out: {why}", stacklevel=2)
+        self._max_spill = max_spill
+        self._spill = SpillDir()
+        try:
+            self._connect(memory_limit, threads, max_spill)
+        except BaseException:
+            self._spill.remove()
+            raise
 
     @property
     def run_ids(self) -> list[str]:
@@ -104,8 +136,8 @@ class Store:
         return sorted(self.manifests)
 
     def _location(self, rel: str) -> str:
-        """What DuckDB and Polars open for a store-relative path."""
-        return self.reader.path(rel) if self.local else f"{_REMOTE}://{rel}"
+        """What DuckDB opens for a store-relative path: always through the read-only wrapper."""
+        return f"{PROTOCOL}://{rel}"
 
     def files(self, table: str) -> list[str]:
         """Store-relative paths of the Parquet files behind a file-backed table, sorted by run.
@@ -121,75 +153,84 @@ class Store:
 
         return pl.from_arrow(views.runs_table(self.manifests))
 
-    def _connect(self, memory_limit: str, threads: int | None) -> None:
+    def _connect(self, memory_limit: str, threads: int | None, max_spill: str) -> None:
         import duckdb
 
         config = dict(memory_limit=str(memory_limit), threads=int(threads or min(4, os.cpu_count() or 1)),
-                      temp_directory=os.path.join(self._tmp, "spill"),
+                      temp_directory=self._spill.spill, max_temp_directory_size=str(max_spill),
                       # httpfs cannot be downloaded here, and nothing may be installed behind the user's back
                       autoinstall_known_extensions=False, autoload_known_extensions=False)
         try:
             con = duckdb.connect(":memory:", config=config)
         except duckdb.Error as e:
             raise ActsparseError(f"cannot start DuckDB: {one_line(e)}") from None
-        if not self.local:
-            con.register_filesystem(_read_only_fs(self.reader.fs, self.reader.root))
-        for name, arrow in (("runs", views.runs_table(self.manifests)),
-                            ("_layer_base", views.layer_base_table(self.manifests))):
-            con.register("_arrow", arrow)
-            con.execute(f"CREATE TABLE {name} AS SELECT * FROM _arrow")
-            con.unregister("_arrow")
-        for view in views.FILE_VIEWS:
-            con.execute(f"CREATE VIEW {view} AS {views.file_view_sql(view, self._files, self._location)}")
-        con.execute(f"CREATE VIEW layers AS {views.layers_sql()}")
-        allowed = [self.reader.root.rstrip("/") + "/"] if self.local else [f"{_REMOTE}://"]
-        con.execute(f"SET allowed_directories = [{', '.join(map(views.lit, allowed))}]")
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
+        try:
+            con.register_filesystem(_read_only_fs(self.reader.fs, self.reader.root, self.local))
+            # views over Arrow data: no statement can delete from, insert into or update them
+            for name, arrow in (("runs", views.runs_table(self.manifests)),
+                                ("_layer_base", views.layer_base_table(self.manifests))):
+                con.register(f"_{name}_arrow", arrow)
+                con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
+            for view in views.FILE_VIEWS:
+                con.execute(f"CREATE VIEW {view} AS {views.file_view_sql(view, self._files, self._location)}")
+            con.execute(f"CREATE VIEW layers AS {views.layers_sql()}")
+            con.execute(f"SET allowed_directories = [{views.lit(f'{PROTOCOL}://')}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except duckdb.Error as e:
+            con.close()
+            raise ActsparseError(f"cannot open {self.url} for queries: {one_line(e)}") from None
         self._con = con
 
     # ------------------------------------------------------------ queries
 
-    def _check_read_only(self, query: str) -> None:
-        """Refuse anything but one SELECT (or EXPLAIN [ANALYZE] of one): the store is read-only."""
-        import duckdb
-
-        def statements(text: str):
-            try:
-                return self._con.extract_statements(text)
-            except duckdb.Error as e:
-                raise ActsparseError(f"SQL error: {one_line(e)}") from None
-
-        stmts = statements(query)
-        if len(stmts) != 1:
-            raise ActsparseError(f"give exactly one SQL statement (got {len(stmts)})")
-        kind, text = stmts[0].type, stmts[0].query
-        if kind == duckdb.StatementType.EXPLAIN:
-            # EXPLAIN ANALYZE executes its statement, so what it explains must be a SELECT too.
-            text = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", text, flags=re.IGNORECASE)
-            inner_stmts = statements(text)
-            kind = inner_stmts[0].type if len(inner_stmts) == 1 else None
-        if kind != duckdb.StatementType.SELECT:
-            # the statement's own first word: DuckDB's type names differ (INSTALL is a LOAD statement)
-            what = (re.findall(r"[A-Za-z]+", text) or ["this"])[0].upper()
-            raise ActsparseError(f"only SELECT queries are allowed; the store is read-only ({what} statement refused)")
-
     def arrow(self, query: str, **params):
         """Run one ``SELECT`` like :meth:`sql` and return its rows as a pyarrow Table (never via pandas).
+
+        The query runs on a worker thread while this one waits, so that Ctrl-C (or SIGTERM, which the
+        command line turns into the same) interrupts it: DuckDB stops, and nothing it spilled remains.
 
         Raises:
             ActsparseError: a write or non-SELECT statement, more than one statement, or any DuckDB error
                 (message on one line).
+            Interrupted: the query was interrupted.
         """
         import duckdb
 
         if self._con is None:
             raise ActsparseError("the store has been closed")
-        self._check_read_only(query)
+        check_read_only(self._con, query)
+        done: dict = {}
+
+        def run() -> None:
+            rel = None
+            try:
+                rel = self._con.sql(query, params=params or None)
+                done["table"] = rel.to_arrow_table()
+            except BaseException as e:  # handed to the waiting thread, without the frames that hold `rel`
+                done["error"] = e.with_traceback(None)
+            finally:
+                del rel  # a live relation keeps the connection busy: close() would refuse
+
+        worker = threading.Thread(target=run, name="actsparse-query", daemon=True)
+        worker.start()
         try:
-            return self._con.sql(query, params=params or None).to_arrow_table()
-        except duckdb.Error as e:
-            raise ActsparseError(f"SQL error: {one_line(e)}") from None
+            while worker.is_alive():
+                worker.join(0.2)
+        except KeyboardInterrupt:
+            self._con.interrupt()
+            worker.join()
+            raise Interrupted("query interrupted; nothing was written") from None
+        error = done.get("error")
+        if isinstance(error, duckdb.Error):
+            if "max_temp_directory_size" in str(error):
+                raise ActsparseError(f"SQL error: the query needs more than --max-spill {self._max_spill} of disk "
+                                     "to spill its intermediate results; raise --max-spill or --memory-limit") from None
+            hint = "; raise --memory-limit" if isinstance(error, duckdb.OutOfMemoryException) else ""
+            raise ActsparseError(f"SQL error: {one_line(error)}{hint}") from None
+        if error is not None:
+            raise error
+        return done["table"]
 
     def sql(self, query: str, **params):
         """Run one ``SELECT`` over the store's tables; ``$name`` parameters are bound from ``params``.
@@ -229,8 +270,11 @@ class Store:
         """The complete run id a full id or unique prefix names.
 
         Raises:
-            ActsparseError: no run or several runs match.
+            ActsparseError: no run or several runs match, or the run is left out (naming why).
         """
+        left = [rid for rid in self.left_out if ref and rid.startswith(str(ref))]
+        if left and not [rid for rid in self.run_ids if rid.startswith(str(ref))]:
+            raise ActsparseError(f"run {left[0]} is left out of the tables: {self.left_out[left[0]]}")
         return fmt.match_run(ref, self.run_ids)
 
     def scan(self, table: str):
@@ -262,7 +306,8 @@ class Store:
         import polars as pl
 
         if self.local:
-            return pl.scan_parquet([self._location(p) for p in paths], hive_partitioning=False)
+            # the files were checked to be regular when the store was opened (views.StoreFiles)
+            return pl.scan_parquet([self.reader.path(p) for p in paths], hive_partitioning=False)
         import pyarrow.dataset as ds
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -282,16 +327,27 @@ class Store:
 
     # ------------------------------------------------------------ lifetime
 
-    @staticmethod
-    def _cleanup(tmp: str) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-
     def close(self) -> None:
-        """Close the DuckDB connection and remove its temporary directory."""
+        """Close the DuckDB connection and remove its spill directory.
+
+        After an interrupt, DuckDB's worker threads finish the interrupted query's tasks in the background and
+        the connection refuses to close until they have (``ResourceInUseException``): it is retried for up to
+        ``CLOSE_WAIT_S`` seconds.
+        """
+        import duckdb
+
         if self._con is not None:
-            self._con.close()
+            deadline = time.monotonic() + CLOSE_WAIT_S
+            while True:
+                try:
+                    self._con.close()
+                    break
+                except duckdb.Error:
+                    if time.monotonic() > deadline:
+                        break  # the process is ending anyway; its spill directory goes below
+                    time.sleep(0.05)
             self._con = None
-        self._finalizer()
+        self._spill.remove()
 
     def __enter__(self) -> Store:
         return self

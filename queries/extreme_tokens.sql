@@ -2,10 +2,10 @@
 --   their text and the neighbouring tokens of the same window ([brackets] mark the token itself).
 -- param run RUN: run id or unique prefix
 -- param site SITE = 'intermediate': FFN site
--- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
--- param layer INTEGER = -1: one layer, or -1 for the mean over all layers
--- param n INTEGER = 10: tokens of each kind
--- param context INTEGER = 4: neighbouring tokens shown on each side
+-- param p DOUBLE [0.5, 0.99] = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
+-- param layer INTEGER [-1, 4095] = -1: one layer, or -1 for the mean over all layers
+-- param n INTEGER [1, 100000] = 10: tokens of each kind
+-- param context INTEGER [0, 1000] = 4: neighbouring tokens shown on each side
 -- columns: kind, rank, token_index, sequence, position, token, sparsity, l1_mean, max_abs, context
 WITH per_token AS (
     SELECT token_index, sequence, position,

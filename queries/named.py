@@ -6,6 +6,7 @@ Every file starts with a header of ``--`` comment lines, then one SELECT over th
     -- purpose: what the query answers (continuation lines start with "--   ")
     -- param run RUN: run id or unique prefix               (no default: required)
     -- param site VARCHAR = 'intermediate': FFN site         (a default makes it optional)
+    -- param n INTEGER [1, 1000] = 10: rows of each kind     (a range: values outside it are refused)
     -- columns: col_a, col_b, ...
 
 Values are bound as DuckDB named parameters (``$run``, ``$site``), never pasted into the SQL text.
@@ -29,19 +30,25 @@ from actsparse.core.errors import ActsparseError
 
 NAMES = {"SITE": vocab.SITES, "TARGET": vocab.TARGETS, "RULE": vocab.RULES}  # text types of a closed vocabulary
 TYPES = ("RUN", *NAMES, "VARCHAR", "INTEGER", "DOUBLE", "BOOLEAN")
-_PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z]+)\s*(?:=\s*(?P<default>.+?))?\s*:\s*(?P<doc>.*)$")
+_PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z]+)\s*"
+                    r"(?:\[\s*(?P<lo>[-+0-9.e]+)\s*,\s*(?P<hi>[-+0-9.e]+)\s*\]\s*)?"
+                    r"(?:=\s*(?P<default>.+?))?\s*:\s*(?P<doc>.*)$")
 _USED = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _NO_DEFAULT = object()
 
 
 @dataclass(frozen=True)
 class Param:
-    """One declared parameter: name, type, default (``_NO_DEFAULT`` when required) and description."""
+    """One declared parameter: name, type, default (``_NO_DEFAULT`` when required), description, and for
+    numbers the range ``[lo, hi]`` a value must lie in (None: unbounded), so that a value that makes no sense
+    is an error rather than an empty table."""
 
     name: str
     type: str
     default: Any
     doc: str
+    lo: float | None = None
+    hi: float | None = None
 
     @property
     def required(self) -> bool:
@@ -49,8 +56,9 @@ class Param:
 
     def describe(self) -> str:
         """``name TYPE`` or ``name TYPE = default``, as ``actsparse query list`` shows it."""
+        typ = self.type if self.lo is None else f"{self.type} [{self.lo:g}, {self.hi:g}]"
         if self.required:
-            return f"{self.name} {self.type}"
+            return f"{self.name} {typ}"
         if self.default is None:
             shown = "NULL"
         elif isinstance(self.default, bool):
@@ -59,13 +67,13 @@ class Param:
             shown = "'" + self.default.replace("'", "''") + "'"
         else:
             shown = str(self.default)
-        return f"{self.name} {self.type} = {shown}"
+        return f"{self.name} {typ} = {shown}"
 
     def convert(self, value: Any) -> Any:
         """A value given as text (CLI) or Python, converted to the declared type.
 
         Raises:
-            ActsparseError: the value does not fit the type.
+            ActsparseError: the value does not fit the type, or lies outside the declared range.
         """
         if value is None:
             return None
@@ -73,11 +81,11 @@ class Param:
             if self.type == "INTEGER":
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                     raise ValueError
-                return int(value)
+                return self._in_range(int(value))
             if self.type == "DOUBLE":
                 if isinstance(value, bool):
                     raise ValueError
-                return float(value)
+                return self._in_range(float(value))
             if self.type == "BOOLEAN":
                 if isinstance(value, bool):
                     return value
@@ -93,6 +101,13 @@ class Param:
             raise ActsparseError(f"parameter {self.name}: unknown {self.type.lower()} {str(value)!r} "
                                  f"(choose {', '.join(NAMES[self.type])})")
         return str(value)
+
+
+    def _in_range(self, v: float) -> float:
+        if v != v or (self.lo is not None and not self.lo <= v <= self.hi):  # NaN is never in range
+            raise ActsparseError(f"parameter {self.name} must be in [{self.lo:g}, {self.hi:g}], got {v!r}"
+                                 if self.lo is not None else f"parameter {self.name} must be a number, got {v!r}")
+        return v
 
 
 @dataclass(frozen=True)
@@ -188,10 +203,20 @@ def parse(name: str, text: str) -> NamedQuery:
     for chunks in params:
         m = _PARAM.match(" ".join(chunks))
         if not m or m.group("type") not in TYPES:
-            raise ActsparseError(f"{where}: bad parameter line {' '.join(chunks)!r} "
-                                 f"(expected 'param NAME TYPE [= DEFAULT]: description', TYPE in {', '.join(TYPES)})")
+            raise ActsparseError(f"{where}: bad parameter line {' '.join(chunks)!r} (expected 'param NAME TYPE "
+                                 f"[[LO, HI]] [= DEFAULT]: description', TYPE in {', '.join(TYPES)})")
         default = _NO_DEFAULT if m.group("default") is None else _default(m.group("default"), m.group("type"), where)
-        declared.append(Param(m.group("name"), m.group("type"), default, m.group("doc").strip()))
+        bounds = (None, None)
+        if m.group("lo") is not None:
+            if m.group("type") not in ("INTEGER", "DOUBLE"):
+                raise ActsparseError(f"{where}: parameter {m.group('name')}: a range needs INTEGER or DOUBLE")
+            try:
+                bounds = (float(m.group("lo")), float(m.group("hi")))
+            except ValueError:
+                raise ActsparseError(f"{where}: parameter {m.group('name')}: bad range") from None
+        declared.append(Param(m.group("name"), m.group("type"), default, m.group("doc").strip(), *bounds))
+        if bounds[0] is not None and default not in (_NO_DEFAULT, None):
+            declared[-1].convert(default)  # a default outside the range is the file's error
         if m.group("type") in NAMES and default not in (_NO_DEFAULT, None):
             declared[-1].convert(default)  # a default outside the vocabulary is the file's error
     code = re.sub(r"--[^\n]*", "", re.sub(r"'(?:[^']|'')*'", "''", sql))  # strings and comments hold no parameters

@@ -2,9 +2,9 @@
 --   top-p sparsity at p, L1, max |a| and top-1 share (early positions often behave differently).
 -- param run RUN: run id or unique prefix
 -- param site SITE = 'intermediate': FFN site
--- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
--- param layer INTEGER = -1: one layer, or -1 for all layers pooled
--- param bucket INTEGER = 16: positions per bucket (1: every position)
+-- param p DOUBLE [0.5, 0.99] = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
+-- param layer INTEGER [-1, 4095] = -1: one layer, or -1 for all layers pooled
+-- param bucket INTEGER [1, 1048576] = 16: positions per bucket (1: every position)
 -- columns: position_from, position_to, n_tokens, sparsity_mean, l1_mean, max_abs_mean, top1_share_mean
 SELECT (position // $bucket) * $bucket AS position_from, (position // $bucket) * $bucket + $bucket - 1 AS position_to,
        count(DISTINCT token_index) AS n_tokens,

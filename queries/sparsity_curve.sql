@@ -6,7 +6,7 @@
 -- param run RUN: run id or unique prefix
 -- param target TARGET = 'intermediate': analysis target
 -- param rule RULE = 'top-p': sparsification rule (token_stats holds top-p only)
--- param layer INTEGER = -1: one layer, or -1 for the whole model (all layers pooled)
+-- param layer INTEGER [-1, 4095] = -1: one layer, or -1 for the whole model (all layers pooled)
 -- param analysis VARCHAR = NULL: one analysis (analysis_id or its prefix; NULL: chosen as above)
 -- columns: source, analysis_id, value, layer, n_tokens, sparsity_mean, sparsity_p10, sparsity_p50,
 --   sparsity_p90, kept_l1_mean, rel_err_mean, cos_mean

@@ -2,7 +2,7 @@
 --   sparsity at p, L1, max |a| and top-1 share side by side with ordinary tokens.
 -- param run RUN: run id or unique prefix
 -- param site SITE = 'intermediate': FFN site
--- param p DOUBLE = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
+-- param p DOUBLE [0.5, 0.99] = 0.9: top-p value, one of 0.5, 0.7, 0.8, 0.9, 0.95, 0.99
 -- columns: layer, n_special, n_regular, sparsity_special, sparsity_regular, l1_special, l1_regular,
 --   max_abs_special, max_abs_regular, max_abs_ratio, top1_share_special, top1_share_regular
 WITH t AS (

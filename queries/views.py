@@ -5,14 +5,17 @@ run x site x layer, with the mean per-token statistics) are built in memory; ``t
 one view per result kind (``actsparse.core.format.RESULT_KINDS``) read the store's Parquet files. Every view
 exists with its documented columns before any file of it has been written.
 
-File lists never depend on directory listings on remote stores: token parts are named by the manifest,
-derived files come from each run's ``checksums.json`` (or are probed by name); only store-level evaluations
-need a listing.
+The token and statistics parts of a run are the ones its manifest names (never a directory listing), and a run
+with one of them missing is left out of every view and said so (:class:`StoreFiles`). On remote stores, results
+come from each run's ``checksums.json`` (or a listing where the server offers one); only store-level
+evaluations need a listing.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
+import stat
 from pathlib import Path
 
 from actsparse.core import format as fmt
@@ -34,11 +37,29 @@ def empty_select(columns) -> str:
 
 class StoreFiles:
     """The Parquet files behind each file-backed view of a store's complete runs: ``{view: {run_id: [paths]}}``
-    (store-relative paths; store-level evaluations under the run id ``""``)."""
+    (store-relative paths; store-level evaluations under the run id ``""``).
+
+    A run's token parts and statistics parts are the ones its records name (``ceil(n_tokens / chunk_tokens)``
+    parts from the manifest, for every stored site), never what a directory listing happens to show: a
+    missing part would otherwise silently shrink every result. A run is left out of every view, with the
+    reason in ``left_out``, when one of those parts is missing or is not a regular file (locally; remote stores
+    are checked against the run's ``checksums.json``). Statistics are all or nothing: a run that has none of
+    them (collected before they existed; ``actsparse index`` adds them) stays in, without rows in
+    ``token_stats``.
+    """
 
     def __init__(self, reader, manifests: dict[str, fmt.Manifest]):
         self.reader, self.local = reader, reader.is_local
-        self.by_view = {view: self._discover(view, manifests) for view in FILE_VIEWS}
+        self.left_out: dict[str, str] = {}
+        self.notes: list[str] = []
+        self._listed = {rid: self._checksummed(rid) for rid in manifests}
+        parts = {}
+        for rid, m in sorted(manifests.items()):
+            try:
+                parts[rid] = self._run_parts(rid, m)
+            except _Missing as e:
+                self.left_out[rid] = str(e)
+        self.by_view = {view: self._discover(view, parts) for view in FILE_VIEWS}
 
     def paths(self, view: str) -> list[str]:
         """Store-relative paths of the files behind a file-backed view, sorted by run.
@@ -50,52 +71,92 @@ class StoreFiles:
             raise ActsparseError(f"table {view!r} is not backed by files (file-backed: {', '.join(self.by_view)})")
         return [p for paths in self.by_view[view].values() for p in paths]
 
-    def _discover(self, view: str, manifests: dict[str, fmt.Manifest]) -> dict[str, list[str]]:
+    def _is_file(self, rel: str) -> str | None:
+        """None if a store file is a regular file, else what it is (``missing``, ``a FIFO``, ...)."""
+        try:
+            mode = os.lstat(self.reader.path(rel)).st_mode
+        except FileNotFoundError:
+            return "missing"
+        except OSError as e:
+            return f"unreadable ({e.strerror})"
+        if stat.S_ISREG(mode):
+            return None
+        return ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
+
+    def _run_parts(self, rid: str, m: fmt.Manifest) -> dict[str, list[str]]:
+        """``{"tokens": [...], "token_stats": [...]}``: the store-relative parts a run's records name.
+
+        Raises:
+            _Missing: a named part is missing or not a regular file (locally), or not in the run's
+                ``checksums.json`` (remote).
+        """
+        tokens = [fmt.token_part(k) for k in range(m.n_parts)]
+        stats = [fmt.stats_part(s, k) for s in m.sites for k in range(m.n_parts)]
+        listed = self._listed[rid]
+        base = fmt.run_path(rid)
+        if self.local:
+            any_stats = any(self._is_file(f"{base}/{r}") is None for r in stats) or (
+                listed is not None and any(r.startswith(f"{fmt.TOKEN_STATS}/") for r in listed))
+            for rel in tokens + (stats if any_stats else []):
+                why = self._is_file(f"{base}/{rel}")
+                if why is not None:
+                    raise _Missing(f"{base}/{rel} is {why} (`actsparse verify` checks the store)")
+        elif listed is not None:
+            unlisted = [r for r in tokens if r not in listed]
+            if unlisted:
+                raise _Missing(f"{base}/{unlisted[0]} is not in its {fmt.CHECKSUMS}")
+            any_stats = any(r in listed for r in stats)
+            if any_stats and (gap := [r for r in stats if r not in listed]):
+                raise _Missing(f"{base}/{gap[0]} is not in its {fmt.CHECKSUMS}")
+        else:
+            any_stats = all(self.reader.fs.exists(self.reader.path(base, r)) for r in stats)
+        return {"tokens": [f"{base}/{r}" for r in tokens],
+                "token_stats": [f"{base}/{r}" for r in stats] if any_stats else []}
+
+    def _discover(self, view: str, parts: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
         out = {}
-        for rid, m in sorted(manifests.items()):
-            if view == "tokens":
-                out[rid] = [fmt.run_path(rid, fmt.token_part(k)) for k in range(m.n_parts)]
-            elif view == "token_stats":
-                expected = [fmt.stats_part(s, k) for s in m.sites for k in range(m.n_parts)]
-                out[rid] = self._run_files(rid, fmt.STATS_GLOB, expected)
+        for rid in sorted(parts):
+            if view in parts[rid]:
+                out[rid] = parts[rid][view]
             else:
-                out[rid] = self._run_files(rid, f"{fmt.ANALYSIS}/{fmt.RESULT_KINDS[view].glob}", [])
+                out[rid] = self._run_files(rid, f"{fmt.ANALYSIS}/{fmt.RESULT_KINDS[view].glob}")
         if view in fmt.RESULT_KINDS and fmt.RESULT_KINDS[view].store_level:
             out[""] = self._store_results(fmt.RESULT_KINDS[view])
         return out
 
     def _checksummed(self, rid: str) -> list[str] | None:
-        """Files of a run listed in its ``checksums.json`` (run-relative), or None without one."""
+        """Files of a run listed in its ``checksums.json`` (run-relative), or None without a readable one."""
         rel = fmt.run_path(rid, fmt.CHECKSUMS)
         try:
-            raw = self.reader.fs.cat_file(self.reader.path(rel))
-        except FileNotFoundError:
+            return sorted(parse_checksums(self.reader.read(rel, fmt.MAX_CHECKSUMS_BYTES, "checksum list"), rel))
+        except (FileNotFoundError, ActsparseError):
             return None
-        return sorted(parse_checksums(raw, rel))
 
-    def _run_files(self, rid: str, pattern: str, expected: list[str]) -> list[str]:
-        """Store-relative paths of one run's files matching ``pattern`` (run-relative glob).
+    def _run_files(self, rid: str, pattern: str) -> list[str]:
+        """Store-relative paths of one run's result files matching ``pattern`` (run-relative glob).
 
-        Local: a directory glob. Remote: the run's ``checksums.json`` (every derived file is recorded
-        there), else ``expected`` names probed one by one, plus whatever a listing offers.
+        Local: the regular files a directory glob finds (a result written by a store without checksums
+        still counts); a result its ``checksums.json`` lists but that is gone is noted. Remote: the run's
+        ``checksums.json``, plus whatever a listing offers.
         """
         base = fmt.run_path(rid)
+        listed = {r for r in self._listed[rid] or () if fnmatch.fnmatchcase(r, pattern)}
         if self.local:
             root = Path(self.reader.path(base))
-            return sorted(f"{base}/{p.relative_to(root).as_posix()}" for p in root.glob(pattern) if p.is_file())
-        listed = self._checksummed(rid)
-        if listed is not None:
-            found = {r for r in listed if fnmatch.fnmatchcase(r, pattern)}
-        else:
-            found = {r for r in expected if self.reader.fs.exists(self.reader.path(base, r))}
+            found = {p.relative_to(root).as_posix() for p in root.glob(pattern)}
+            regular = {r for r in found if self._is_file(f"{base}/{r}") is None}
+            for r in sorted((listed - regular) | (found - regular)):
+                self.notes.append(f"{base}/{r} is {self._is_file(f'{base}/{r}')}; left out of the results")
+            return [f"{base}/{r}" for r in sorted(regular)]
         try:
             globbed = self.reader.fs.glob(self.reader.path(base, pattern))
         except Exception:  # noqa: BLE001 - listings are optional on remote stores (403, no index pages)
             globbed = []
         prefix = self.reader.path(base) + "/"
         # a listing adds files not recorded yet; percent-quoted names (site%3Dgate) are left to the above
-        found |= {g[len(prefix):] for g in globbed if g.startswith(prefix) and "%" not in g}
-        return [f"{base}/{r}" for r in sorted(found)]
+        listed |= {g[len(prefix):] for g in globbed if g.startswith(prefix) and "%" not in g}
+        return [f"{base}/{r}" for r in sorted(listed)]
 
     def _store_results(self, kind: fmt.ResultKind) -> list[str]:
         """Store-level results of a kind (``evaluations/``: models or corpora never collected); remote stores
@@ -103,13 +164,18 @@ class StoreFiles:
         pattern = f"{fmt.result_base(None)}/{kind.glob}"
         if self.local:
             root = Path(self.reader.root)
-            return sorted(p.relative_to(root).as_posix() for p in root.glob(pattern) if p.is_file())
+            found = (p.relative_to(root).as_posix() for p in root.glob(pattern))
+            return sorted(rel for rel in found if self._is_file(rel) is None)
         try:
             found = self.reader.fs.glob(self.reader.path(pattern))
         except Exception:  # noqa: BLE001 - listings are optional on remote stores
             return []
         prefix = self.reader.path("")
         return sorted(f[len(prefix):] for f in found if f.startswith(prefix))
+
+
+class _Missing(Exception):
+    """A part a run's records name cannot be read: the run is left out of the views."""
 
 
 def runs_table(manifests: dict[str, fmt.Manifest]):

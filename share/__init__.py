@@ -9,6 +9,6 @@ before it has been matched against the store layout (``actsparse.core.format``).
 from actsparse.share.archive import pack, unpack
 from actsparse.share.merge import merge
 from actsparse.share.staging import ImportResult
-from actsparse.share.verify import VerifyReport, seal, verify
+from actsparse.share.verify import VerifyReport, rebuild_catalogue, seal, verify
 
-__all__ = ["ImportResult", "VerifyReport", "merge", "pack", "seal", "unpack", "verify"]
+__all__ = ["ImportResult", "VerifyReport", "merge", "pack", "rebuild_catalogue", "seal", "unpack", "verify"]

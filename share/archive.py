@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from actsparse.core.checksums import (
     ARCHIVE_FORMAT,
     BLOCK,
     FORMAT_VERSION,
+    MAX_ENTRIES,
     Digests,
     is_safe_rel,
     local_tree,
@@ -28,7 +30,7 @@ from actsparse.core.checksums import (
     parse_checksums,
 )
 from actsparse.core.errors import ActsparseError
-from actsparse.core.files import NotRegularFile, remove_tree
+from actsparse.core.files import NotRegularFile, open_regular, remove_tree
 from actsparse.pipeline.reader import StoreReader
 from actsparse.pipeline.store_root import create_store
 from actsparse.share.card import dataset_card, size_text
@@ -99,13 +101,16 @@ def pack(store: str, out: str | Path, run_ids: Iterable[str] | None = None, *,
         A :class:`PackResult`.
 
     Raises:
-        ActsparseError: ``out`` exists, no complete run, a run is incomplete or lacks checksums, or a file
-        does not match its checksum.
+        ActsparseError: ``out`` exists or lies inside the store, no complete run, a run is incomplete or lacks
+        checksums, or a file does not match its checksum.
     """
     st = StoreReader(str(store))
     out = Path(out)
-    if out.exists():
+    if os.path.lexists(out):
         raise ActsparseError(f"{out} already exists; choose another name or remove it")
+    if st.is_local and _inside(out, st.root):
+        # a store holds only what its format lists: `verify` would flag the archive and the next pack pack it
+        raise ActsparseError(f"{out} is inside the store {store}; write the archive elsewhere")
     runs = [st.run(r) for r in run_ids] if run_ids else st.runs()
     runs = list({r.run_id: r for r in runs}.values())
     if not runs:
@@ -114,7 +119,7 @@ def pack(store: str, out: str | Path, run_ids: Iterable[str] | None = None, *,
     manifests, run_bytes, weights_bytes = [], {}, {}
     for run in runs:
         base = fmt.run_path(run.run_id)
-        raw = st.fs.cat_file(st.path(fmt.run_path(run.run_id, fmt.MANIFEST)))
+        raw = st.read(fmt.run_path(run.run_id, fmt.MANIFEST), fmt.MAX_METADATA_BYTES, "manifest")
         files = _listed_members(st, base, log)
         members.append(_Member(f"{base}/{fmt.MANIFEST}", hashlib.sha256(raw).hexdigest(), len(raw), data=raw))
         members += files
@@ -152,6 +157,12 @@ def pack(store: str, out: str | Path, run_ids: Iterable[str] | None = None, *,
     log(f"packed {len(runs)} run(s) and {len(weights_bytes)} weights dir(s): {len(members)} files, "
         f"{size_text(total)} -> {out}")
     return PackResult(out, [r.run_id for r in runs], list(weights_bytes), len(members), total)
+
+
+def _inside(path: Path, root: str) -> bool:
+    """Whether ``path`` (which may not exist yet) lies in the directory ``root``, links resolved."""
+    target, base = os.path.realpath(path), os.path.realpath(root)
+    return target == base or target.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def _timestamp(iso: object) -> int:
@@ -198,8 +209,11 @@ def _add_member(tf: tarfile.TarFile, st: StoreReader, m: _Member, mtime: int) ->
         raise ActsparseError(f"{m.name}: altered (sha256 mismatch); not packed")
 
 
-def _member_name(m: tarfile.TarInfo, archive: str) -> str | None:
+def _member_name(m: tarfile.TarInfo, archive: str, staging: str) -> str | None:
     """The checked store-relative name of a member (None for a directory entry).
+
+    Our own checks name the problem; tarfile's ``data`` extraction filter (PEP 706) then checks the member
+    once more against the staging directory, so that nothing it would refuse gets through either.
 
     Raises:
         ActsparseError: a link, a device or other special file, an absolute path, a path with ``..``,
@@ -226,15 +240,105 @@ def _member_name(m: tarfile.TarInfo, archive: str) -> str | None:
     if not (fmt.is_archive_member(clean) and is_safe_rel(clean)):
         raise ActsparseError(f"archive {archive}: member {name!r} is not part of an actsparse store; "
                              "refusing to unpack")
+    try:
+        tarfile.data_filter(m, staging)
+    except tarfile.FilterError as e:
+        raise ActsparseError(f"archive {archive}: member {name!r} refused ({e}); refusing to unpack") from None
     return clean
+
+
+# The first bytes of the compressed formats tarfile would otherwise be asked to open.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+               b"PK\x03\x04": "zip"}
+
+
+def _open_plain_tar(archive: str) -> tarfile.TarFile:
+    """Open an archive as the plain tar ``pack`` writes, refusing compressed files by their magic bytes.
+
+    Raises:
+        ActsparseError: missing, not a regular file, compressed, or not a tar archive.
+    """
+    try:
+        f = open_regular(archive)
+    except FileNotFoundError:
+        raise ActsparseError(f"{archive} does not exist") from None
+    except NotRegularFile as e:
+        raise ActsparseError(f"{archive} is {e.what}, not an archive file") from None
+    head = f.read(8)
+    f.seek(0)
+    kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is not None:
+        f.close()
+        raise ActsparseError(f"{archive} is {kind}-compressed; an actsparse archive is one plain tar, as "
+                             "`actsparse pack` writes it (decompress it first)")
+    try:
+        return tarfile.TarFile(fileobj=f, mode="r")  # plain tar only: no decompression
+    except tarfile.TarError:
+        f.close()
+        raise ActsparseError(f"{archive} is not a readable tar archive") from None
+
+
+def _members(tf: tarfile.TarFile, archive: str, staging: str) -> dict[str, tarfile.TarInfo]:
+    """The archive's file members by checked name, read header by header (at most MAX_ENTRIES + 3 of them)."""
+    names: dict[str, tarfile.TarInfo] = {}
+    seen = 0
+    while True:
+        try:
+            m = tf.next()
+        except (tarfile.TarError, EOFError, ValueError) as e:
+            raise ActsparseError(f"{archive} is not a readable tar archive ({str(e).splitlines()[0]})") from None
+        if m is None:
+            return names
+        seen += 1
+        if seen > MAX_ENTRIES + 3:
+            raise ActsparseError(f"archive {archive}: more than {MAX_ENTRIES} members; refusing to unpack")
+        clean = _member_name(m, archive, staging)
+        if clean is None:
+            continue
+        if clean in names:
+            raise ActsparseError(f"archive {archive}: member {clean!r} appears twice; refusing to unpack")
+        names[clean] = m
+
+
+def _checked_index(tf: tarfile.TarFile, names: dict[str, tarfile.TarInfo], archive: str) -> Digests:
+    """``archive.json`` read (bounded) and parsed, and every member's name and size checked against it,
+    before a byte of any member is written.
+
+    Raises:
+        ActsparseError: no index or store marker, an index too large or invalid, a member it does not list or
+            whose size differs, or a listed member that is absent.
+    """
+    if ARCHIVE_INDEX not in names or fmt.STORE_FILE not in names:
+        raise ActsparseError(f"{archive} is not an actsparse archive (no {ARCHIVE_INDEX} or {fmt.STORE_FILE})")
+    info = names[ARCHIVE_INDEX]
+    if info.size > fmt.MAX_CHECKSUMS_BYTES:
+        raise ActsparseError(f"archive {archive}: {ARCHIVE_INDEX} is {info.size} bytes, more than an index may be")
+    index = parse_checksums(tf.extractfile(info).read(info.size), f"{archive}: {ARCHIVE_INDEX}")
+    for name, m in names.items():
+        if name == ARCHIVE_INDEX:
+            continue
+        if name not in index:
+            raise ActsparseError(f"archive {archive}: member {name} is not listed in {ARCHIVE_INDEX}; refusing it")
+        if m.size != index[name][1]:
+            raise ActsparseError(f"archive {archive}: member {name} is {m.size} bytes, {ARCHIVE_INDEX} lists "
+                                 f"{index[name][1]}; the archive is damaged or was altered")
+    missing = sorted(set(index) - set(names))
+    if missing:
+        raise ActsparseError(f"archive {archive}: {missing[0]} is listed in {ARCHIVE_INDEX} "
+                             "but missing from the archive")
+    return index
 
 
 def unpack(archive: str | Path, dest: str | Path, *, log: Callable[[str], None] = print) -> ImportResult:
     """Restore the runs of an archive written by :func:`pack` into a new or existing store.
 
-    Unsafe members are refused before anything is written. Members are extracted into a temporary
-    directory inside ``dest``, checked against ``archive.json`` and each directory's ``checksums.json``,
-    and only then renamed into place; runs whose id is already in ``dest`` are skipped.
+    The archive must be one plain tar (a compressed file is refused by its first bytes). Every member is
+    checked before anything is written: its name against the store layout, its type (regular files only:
+    no links, devices or FIFOs), and its size against ``archive.json``, which must list every member and
+    nothing else; the total must fit on the destination's disk. Members are then extracted (each read no
+    further than its listed size) into a temporary directory inside ``dest``, checked against
+    ``archive.json`` and each directory's ``checksums.json``, and only then renamed into place; runs whose
+    id is already in ``dest`` are skipped.
 
     Args:
         archive: the tar file.
@@ -245,36 +349,25 @@ def unpack(archive: str | Path, dest: str | Path, *, log: Callable[[str], None] 
         An :class:`ImportResult` (runs added and skipped, weights added).
 
     Raises:
-        ActsparseError: not a tar file, an unsafe member, a checksum mismatch, a format-version mismatch,
-        or ``dest`` is not a store.
+        ActsparseError: not a plain tar file, an unsafe or unlisted member, a size or checksum mismatch, not
+        enough disk space, a format-version mismatch, or ``dest`` is not a store.
     """
     archive = str(archive)
-    try:
-        tf = tarfile.TarFile(archive, mode="r")  # plain tar only, as pack writes it: no decompression
-    except FileNotFoundError:
-        raise ActsparseError(f"{archive} does not exist") from None
-    except tarfile.TarError:
-        raise ActsparseError(f"{archive} is not a readable tar archive") from None
-    with tf:
-        try:
-            entries = tf.getmembers()
-        except (tarfile.TarError, EOFError) as e:
-            raise ActsparseError(f"{archive} is not a readable tar archive ({str(e).splitlines()[0]})") from None
-        names: dict[str, tarfile.TarInfo] = {}
-        for m in entries:
-            clean = _member_name(m, archive)
-            if clean is None:
-                continue
-            if clean in names:
-                raise ActsparseError(f"archive {archive}: member {clean!r} appears twice; refusing to unpack")
-            names[clean] = m
-        if ARCHIVE_INDEX not in names or fmt.STORE_FILE not in names:
-            raise ActsparseError(f"{archive} is not an actsparse archive (no {ARCHIVE_INDEX} or {fmt.STORE_FILE})")
+    with _open_plain_tar(archive) as tf:
+        names = _members(tf, archive, os.path.join(os.path.abspath(dest), ".unpack-check"))
+        index = _checked_index(tf, names, archive)
         dest_existed = Path(dest).expanduser().exists()
         paths = create_store(dest)
+        need = sum(size for _, size in index.values())
+        free = shutil.disk_usage(paths.root).free
+        if need > free:
+            if not dest_existed:
+                remove_tree(paths.root)
+            raise ActsparseError(f"archive {archive} holds {size_text(need)}; {paths.root} has {size_text(free)} "
+                                 "free; nothing was written")
         staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=paths.root))
         try:
-            result = _unpack_staged(tf, names, archive, staging, paths, log)
+            result = _unpack_staged(tf, names, index, archive, staging, paths, log)
         except BaseException as e:
             remove_tree(staging)
             if not dest_existed and not any((paths.root / d).exists() for d in (fmt.RUNS, fmt.MODELS)):
@@ -286,33 +379,29 @@ def unpack(archive: str | Path, dest: str | Path, *, log: Callable[[str], None] 
     return result
 
 
-def _unpack_staged(tf: tarfile.TarFile, names: dict[str, tarfile.TarInfo], archive: str, staging: Path,
-                   paths: fmt.StorePaths, log: Callable[[str], None]) -> ImportResult:
+def _unpack_staged(tf: tarfile.TarFile, names: dict[str, tarfile.TarInfo], index: Digests, archive: str,
+                   staging: Path, paths: fmt.StorePaths, log: Callable[[str], None]) -> ImportResult:
     got: Digests = {}
     for clean, m in names.items():
         target = staging.joinpath(*clean.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        src = tf.extractfile(m)
+        src = tf.extractfile(m)  # reads no further than the member's size, which the index lists
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as f:
             h, n = hashlib.sha256(), 0
-            while chunk := src.read(BLOCK):
+            while n < m.size and (chunk := src.read(min(BLOCK, m.size - n))):
                 h.update(chunk)
                 n += len(chunk)
                 f.write(chunk)
         got[clean] = (h.hexdigest(), n)
-    index = parse_checksums((staging / ARCHIVE_INDEX).read_bytes(), f"{archive}: {ARCHIVE_INDEX}")
     for name in sorted(set(got) - {ARCHIVE_INDEX}):
-        if name not in index:
-            raise ActsparseError(f"archive {archive}: member {name} is not listed in {ARCHIVE_INDEX}; refusing it")
         if got[name] != index[name]:
             raise ActsparseError(f"archive {archive}: member {name} does not match its checksum in {ARCHIVE_INDEX}; "
                                  "the archive is damaged or was altered")
-    missing = sorted(set(index) - set(got))
-    if missing:
-        raise ActsparseError(f"archive {archive}: {missing[0]} is listed in {ARCHIVE_INDEX} "
-                             "but missing from the archive")
-    version = json.loads((staging / fmt.STORE_FILE).read_text()).get("format_version")
+    try:
+        version = json.loads((staging / fmt.STORE_FILE).read_bytes()).get("format_version")
+    except (ValueError, AttributeError, RecursionError):
+        version = None
     if version != store_version(paths.root):
         raise ActsparseError(f"archive {archive} holds store format version {version!r}; {paths.root} has "
                              f"version {store_version(paths.root)}; refusing to mix formats")

@@ -28,20 +28,22 @@ from actsparse.share.verify import Verifier
 
 
 def _copy_verified(st: StoreReader, rel: str, target: Path, sha: str, size: int) -> None:
+    """Copy one file of the source, hashing it as it goes, and stop one byte past its listed ``size``: a file
+    larger than listed (or an endless HTTP source) costs no more than the listed size to refuse."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open_store_file(st.fs, st.path(*rel.split("/"))) as src, open(target, "xb") as dst:
             h, n = hashlib.sha256(), 0
-            while chunk := src.read(BLOCK):
+            while n <= size and (chunk := src.read(min(BLOCK, size + 1 - n))):
                 h.update(chunk)
                 n += len(chunk)
                 dst.write(chunk)
     except FileNotFoundError:
         raise ActsparseError(f"{rel} is missing in {st.url}; nothing of its run was added") from None
-    except NotRegularFile:
-        raise ActsparseError(f"{rel} is a symbolic link in {st.url}; nothing of its run was added") from None
+    except NotRegularFile as e:
+        raise ActsparseError(f"{rel} is {e.what} in {st.url}; nothing of its run was added") from None
     if n != size:
-        what = f"truncated ({n} of {size} bytes)" if n < size else f"altered ({n} bytes, expected {size})"
+        what = f"truncated ({n} of {size} bytes)" if n < size else f"altered (larger than the {size} bytes listed)"
         raise ActsparseError(f"{rel} in {st.url}: {what}; nothing of its run was added")
     if h.hexdigest() != sha:
         raise ActsparseError(f"{rel} in {st.url}: altered (sha256 mismatch); nothing of its run was added")
@@ -111,7 +113,8 @@ def _merge_run(st: StoreReader, run: Run, staging: Path, paths: fmt.StorePaths, 
                log: Callable[[str], None]) -> None:
     base = fmt.run_path(run.run_id)
     known = _stage_dir(st, base, staging)
-    (staging / base / fmt.MANIFEST).write_bytes(st.fs.cat_file(st.path(fmt.run_path(run.run_id, fmt.MANIFEST))))
+    (staging / base / fmt.MANIFEST).write_bytes(st.read(fmt.run_path(run.run_id, fmt.MANIFEST), fmt.MAX_METADATA_BYTES,
+                                                        "manifest"))
     wid = run.manifest.weights_id
     weights = []
     if not (paths.weights_dir(wid) / fmt.ZARR_META).is_file():

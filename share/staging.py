@@ -13,7 +13,7 @@ from pathlib import Path
 from actsparse.core import format as fmt
 from actsparse.core.checksums import Digests, parse_checksums
 from actsparse.core.errors import ActsparseError
-from actsparse.core.files import blocking_lock
+from actsparse.core.files import NotRegularFile, blocking_lock, read_regular
 from actsparse.pipeline.reader import StoreReader
 from actsparse.pipeline.store_root import write_catalogue
 from actsparse.share.verify import VerifyReport
@@ -36,7 +36,7 @@ def read_checksums(st: StoreReader, base: str, fix: str) -> tuple[bytes, Digests
             it does not parse.
     """
     try:
-        raw = st.fs.cat_file(st.path(base, fmt.CHECKSUMS))
+        raw = st.read(f"{base}/{fmt.CHECKSUMS}", fmt.MAX_CHECKSUMS_BYTES, "checksum list")
     except FileNotFoundError:
         raise ActsparseError(f"{base} in {st.url} has no {fmt.CHECKSUMS} (written before checksums existed); "
                              f"run `{fix}` first") from None
@@ -53,9 +53,9 @@ def present(paths: fmt.StorePaths, rid: str) -> str | None:
     if not os.path.lexists(d):
         return None
     try:
-        status = json.loads((d / fmt.MANIFEST).read_text()).get("status", "?")
-    except (OSError, ValueError):
-        status = "no manifest"
+        status = json.loads(read_regular(d / fmt.MANIFEST, fmt.MAX_METADATA_BYTES, "manifest")).get("status", "?")
+    except (OSError, ValueError, AttributeError, RecursionError, NotRegularFile, ActsparseError):
+        status = "no readable manifest"
     if status == "complete":
         return "already present"
     return f"already present there ({status}; delete {d} to replace it)"

@@ -1,14 +1,17 @@
 """Verifying a store: every file of its runs and weights re-read and compared with their checksum lists.
 
-``verify`` reports, by store-relative path: missing, truncated and altered files, unexpected extra files
-(unlisted files under ``analysis/`` and ``token_stats/`` are warnings), symbolic links and other non-regular
-entries, incomplete runs, runs without a manifest, and runs whose weights are missing. ``seal`` writes the
-checksum lists of stores written before checksums existed.
+``verify`` reports, by store-relative path: missing, truncated and altered files (each read no further than
+one byte past its listed size), unexpected extra files (unlisted files under ``analysis/`` and ``token_stats/``
+are warnings), symbolic links, FIFOs and other non-regular entries, incomplete runs, runs without a manifest,
+runs whose weights are missing, entries of the store root the format does not define (``describe_path``), and
+a catalogue that is unreadable or disagrees with the complete runs' manifests. ``seal`` writes the checksum
+lists of stores written before checksums existed; ``rebuild_catalogue`` rebuilds the catalogue.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from actsparse.core.checksums import Digests, digest, is_transient, local_tree, 
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import NotRegularFile
 from actsparse.pipeline.reader import StoreReader
+from actsparse.pipeline.store_root import write_catalogue
 from actsparse.share.card import size_text
 
 
@@ -130,8 +134,8 @@ class Verifier:
         """Check the files under ``base`` (a run or weights dir) against its ``checksums.json``."""
         try:
             rel = f"{base}/{fmt.CHECKSUMS}"
-            listed = parse_checksums(self.st.fs.cat_file(self.url(rel)), rel)
-        except FileNotFoundError:
+            listed = parse_checksums(self.st.read(rel, fmt.MAX_CHECKSUMS_BYTES, "checksum list"), rel)
+        except (FileNotFoundError, NotADirectoryError):
             listed = None
             self.problem(f"{base}/{fmt.CHECKSUMS}", "missing (written before checksums existed? "
                                                 "`actsparse verify --add-checksums` adds it)")
@@ -149,7 +153,7 @@ class Verifier:
             return
         files, links = found
         for rel in links:
-            self.problem(f"{base}/{rel}", "symbolic link (a store holds regular files only)")
+            self.problem(f"{base}/{rel}", f"{_kind(self.url(f'{base}/{rel}'))} (a store holds regular files only)")
         if listed is None:
             return
         for rel in files:
@@ -161,19 +165,25 @@ class Verifier:
                 self.problem(f"{base}/{rel}", "unexpected file (not in checksums.json)")
 
     def file(self, rel: str, sha: str, size: int) -> None:
+        """Check one listed file, reading no more than one byte past its listed size."""
         try:
-            got_sha, got_size = self.known[rel] if rel in self.known else digest(self.st.fs, self.url(rel))
-        except FileNotFoundError:
+            got_sha, got_size = self.known[rel] if rel in self.known else digest(self.st.fs, self.url(rel), size)
+        except (FileNotFoundError, NotADirectoryError):
             self.problem(rel, "missing")
             return
-        except NotRegularFile:
+        except NotRegularFile as e:
+            if not self.local:
+                self.problem(rel, f"is {e.what}")
             return  # reported by the listing of its directory
+        except OSError as e:
+            self.problem(rel, f"unreadable ({e.strerror or e})")
+            return
         self.report.files += 1
-        self.report.bytes += got_size
+        self.report.bytes += min(got_size, size)
         if got_size < size:
             self.problem(rel, f"truncated ({got_size} of {size} bytes)")
         elif got_size > size:
-            self.problem(rel, f"altered ({got_size} bytes, expected {size})")
+            self.problem(rel, f"altered (larger than the {size} bytes listed)")
         elif got_sha != sha:
             self.problem(rel, "altered (sha256 mismatch)")
 
@@ -207,15 +217,113 @@ class Verifier:
         self.tree(base, [f"{fmt.WEIGHTS}/{fmt.ZARR_META}"])
 
     def store_level(self) -> None:
-        """Entries of ``runs/`` that are not runs, and leftovers of interrupted merges (local stores only)."""
+        """The store root (local stores): every entry must be one the format defines (``describe_path``); leftovers
+        of interrupted merges are warnings; entries of ``runs/`` and ``models/`` must be ids, and files of
+        ``evaluations/`` results."""
         root = Path(self.st.root)
         for p in sorted(root.iterdir()):
-            if p.name.startswith(fmt.STAGING_PREFIXES):
-                self.warn(p.name, "leftover of an interrupted merge/unpack (safe to delete)")
-        if (root / fmt.RUNS).is_dir():
-            for p in sorted((root / fmt.RUNS).iterdir()):
-                if not fmt.ID_RE.match(p.name):
-                    self.problem(f"{fmt.RUNS}/{p.name}", "unexpected entry (not a run id)")
+            name = p.name
+            if name.startswith(fmt.STAGING_PREFIXES):
+                self.warn(name, "leftover of an interrupted merge/unpack (safe to delete)")
+            elif name in fmt.LOCKS or is_transient(name):
+                continue
+            elif name in (fmt.RUNS, fmt.MODELS, fmt.EVALUATIONS):
+                if p.is_symlink() or not p.is_dir():
+                    self.problem(name, f"{_kind(str(p))}, not a directory")
+            elif fmt.describe_path(name) is None:
+                self.problem(name, "unexpected entry (not part of an actsparse store)")
+            elif p.is_symlink() or not p.is_file():
+                self.problem(name, f"{_kind(str(p))} (a store holds regular files only)")
+        for top in (fmt.RUNS, fmt.MODELS):
+            d = root / top
+            if d.is_dir() and not d.is_symlink():
+                for p in sorted(d.iterdir()):
+                    if not fmt.ID_RE.match(p.name) and not is_transient(p.name) and p.name not in fmt.LOCKS:
+                        what = "a run id" if top == fmt.RUNS else "a weights id"
+                        self.problem(f"{top}/{p.name}", f"unexpected entry (not {what})")
+                    elif fmt.ID_RE.match(p.name) and (p.is_symlink() or not p.is_dir()):
+                        self.problem(f"{top}/{p.name}", f"{_kind(str(p))}, not a directory")
+        evaluations = root / fmt.EVALUATIONS
+        if evaluations.is_dir() and not evaluations.is_symlink():
+            files, others = local_tree(evaluations)
+            for rel in others:
+                self.problem(f"{fmt.EVALUATIONS}/{rel}", f"{_kind(str(evaluations / rel))} "
+                                                         "(a store holds regular files only)")
+            for rel in files:
+                if fmt.describe_path(f"{fmt.EVALUATIONS}/{rel}") is None:
+                    self.problem(f"{fmt.EVALUATIONS}/{rel}", "unexpected file (not part of an actsparse store)")
+
+    def catalogue(self, complete: dict[str, fmt.Manifest]) -> None:
+        """``catalogue.parquet`` must be readable, have the documented columns and hold exactly one row per
+        complete run, equal to what the run's manifest gives (``Manifest.catalogue_row``)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fix = "`actsparse verify --rebuild-catalogue` rebuilds it"
+        try:
+            raw = self.st.read(fmt.CATALOGUE, fmt.MAX_CATALOGUE_BYTES, "catalogue")
+        except (FileNotFoundError, NotADirectoryError):
+            if complete:
+                self.problem(fmt.CATALOGUE, f"missing, though the store holds {len(complete)} complete run(s); {fix}")
+            return
+        except ActsparseError as e:
+            self.problem(fmt.CATALOGUE, f"unreadable ({e}); {fix}")
+            return
+        try:
+            table = pq.read_table(pa.BufferReader(raw))
+        except (pa.ArrowException, ValueError, OSError) as e:
+            self.problem(fmt.CATALOGUE, f"not a readable Parquet table ({str(e).splitlines()[0][:160]}); {fix}")
+            return
+        want = fmt.arrow_schema(fmt.CATALOGUE_COLUMNS)
+        if not table.schema.equals(want, check_metadata=False):
+            self.problem(fmt.CATALOGUE, f"its columns are not the catalogue's ({', '.join(table.schema.names)[:160]});"
+                                        f" {fix}")
+            return
+        rows = {}
+        for row in table.to_pylist():
+            rid = row.get("run_id")
+            if rid in rows:
+                self.problem(fmt.CATALOGUE, f"lists run {rid!r} twice; {fix}")
+                return
+            rows[rid] = row
+        for rid in sorted(set(rows) - set(complete), key=str):
+            self.problem(fmt.CATALOGUE, f"lists run {rid!r}, which is not a complete run of the store; {fix}")
+        for rid in sorted(set(complete) - set(rows)):
+            self.problem(fmt.CATALOGUE, f"does not list complete run {rid}; {fix}")
+        for rid in sorted(set(complete) & set(rows)):
+            if rows[rid] != complete[rid].catalogue_row():
+                self.problem(fmt.CATALOGUE, f"its row of run {rid} differs from the run's manifest; {fix}")
+
+
+def _kind(path: str) -> str:
+    """What a non-regular store entry is, for a finding."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing"
+    for test, what in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISDIR, "directory"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return what
+    return "device or special file"
+
+
+def rebuild_catalogue(store: str | Path, *, log: Callable[[str], None] = print) -> int:
+    """Rebuild ``catalogue.parquet`` of a local store from its complete runs' manifests.
+
+    Returns:
+        The number of runs it lists.
+
+    Raises:
+        ActsparseError: not a local store.
+    """
+    st = StoreReader(str(store))
+    if not st.is_local:
+        raise ActsparseError(f"--rebuild-catalogue writes into the store; {store} is not a local directory")
+    write_catalogue(fmt.StorePaths(Path(st.root)))
+    n = len(StoreReader(str(store)).catalogue_run_ids())
+    log(f"rebuilt {fmt.CATALOGUE}: {n} complete run(s)")
+    return n
 
 
 def verify_runs(st: StoreReader, run_ids: list[str] | None, known: Digests | None = None) -> VerifyReport:
@@ -226,6 +334,7 @@ def verify_runs(st: StoreReader, run_ids: list[str] | None, known: Digests | Non
         ids = st.run_ids(include_incomplete=True)
         if v.local:
             v.store_level()
+        v.catalogue(st.manifests())
     else:
         ids = run_ids
     owners: dict[str, list[str]] = {}
@@ -242,8 +351,10 @@ def verify(store: str, run_ids: Iterable[str] | None = None) -> VerifyReport:
     """Re-read every file of a store's runs and weights and compare it with the checksum lists.
 
     Reports, by store-relative path: missing, truncated and altered files, unexpected extra files
-    (unlisted files under ``analysis/`` and ``token_stats/`` are warnings), symbolic links, incomplete
-    runs, runs without a manifest, and runs whose weights are missing.
+    (unlisted files under ``analysis/`` and ``token_stats/`` are warnings), symbolic links and other
+    non-regular entries, incomplete runs, runs without a manifest, and runs whose weights are missing; when
+    every run is checked, also unexpected entries of the store root (local stores) and a catalogue that does
+    not match the complete runs.
 
     Args:
         store: local path or fsspec URL (``http://``, ``file://``, ``s3://``); read-only access.

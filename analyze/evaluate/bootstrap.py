@@ -1,5 +1,6 @@
 """Summary, per-layer and critical-sparsity tables of an evaluation, with percentile-bootstrap intervals over
-windows (whole windows are resampled: the tokens of one window are correlated)."""
+windows (whole windows are resampled: the tokens of one window are correlated). Below ``MIN_WINDOWS`` windows
+the intervals are NaN: an interval is reported only where it means something."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from actsparse.analyze.critical import critical_point
-from actsparse.analyze.evaluate.config import ACC_RATIO, N_BOOT
+from actsparse.analyze.evaluate.config import ACC_RATIO, MIN_WINDOWS, N_BOOT
 from actsparse.core.errors import ActsparseError
 
 
@@ -58,7 +59,8 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
 
     Returns:
         ``(summary, layers, critical)`` polars DataFrames (columns in the module docstring). Ratios
-        whose dense denominator is 0 (e.g. a dense accuracy of 0) are NaN.
+        whose dense denominator is 0 (e.g. a dense accuracy of 0) are NaN, and so is every interval
+        (``*_lo``, ``*_hi``, ``boot_undefined``) of an evaluation of fewer than ``MIN_WINDOWS`` windows.
     """
     import polars as pl
 
@@ -80,7 +82,9 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
     widths = np.array([h["width"] for h in hooks], dtype=np.float64)
     sparse = hook_sparse.sum(axis=2)
     n_tok = n_pred.sum()
-    counts = _resample_counts(n_win, n_boot, seed)  # [boot, windows]
+    # too few windows: an interval would be (nearly) a point; no resamples, so every interval below is NaN
+    resampled = n_win >= MIN_WINDOWS
+    counts = _resample_counts(n_win, n_boot, seed) if resampled else np.zeros((0, n_win))  # [boot, windows]
     hook_rows = _hook_rows(windows, n_val, n_win, len(hooks))
     if hook_rows is None:  # every hook sees every counted position
         entries = n_valid.sum() * widths.sum()
@@ -106,7 +110,7 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
 
     rows = []
     for j, v in enumerate(values):
-        row = dict(meta, value=float(v), n_tokens=int(n_tok), n_windows=n_win, n_boot=n_boot,
+        row = dict(meta, value=float(v), n_tokens=int(n_tok), n_windows=n_win, n_boot=n_boot if resampled else 0,
                    **{k: float(a[j]) for k, a in point.items()})
         row["ppl"] = math.exp(row["nll"])
         row["dense_ppl"] = math.exp(row["dense_nll"])
@@ -125,13 +129,14 @@ def summarize(windows, hooks: Sequence[dict], meta: dict, *, n_boot: int = N_BOO
     for name, (ratio, boot_ratio) in criteria.items():
         grid_s, grid_v, interp = _crossing(point["sparsity"], ratio, values, threshold)
         boot_interp = np.array([_crossing(boot["sparsity"][b], boot_ratio[b], values, threshold)[2]
-                                for b in range(n_boot)])
-        lo, hi = _interval(boot_interp)
+                                for b in range(len(counts))])
+        lo, hi = _interval(boot_interp) if resampled else (np.full(1, np.nan), np.full(1, np.nan))
         critical.append(dict(meta, criterion=name, threshold=threshold, critical_sparsity_grid=grid_s,
                              critical_value_grid=grid_v, critical_sparsity_interp=interp,
                              critical_lo=float(lo[0]), critical_hi=float(hi[0]),
-                             boot_undefined=float(np.isnan(boot_interp).mean()), n_values=n_val, n_tokens=int(n_tok),
-                             n_boot=n_boot, label="closed-loop"))
+                             boot_undefined=float(np.isnan(boot_interp).mean()) if resampled else math.nan,
+                             n_values=n_val, n_tokens=int(n_tok), n_boot=n_boot if resampled else 0,
+                             label="closed-loop"))
 
     layer_rows = []
     valid_total = n_valid.sum()

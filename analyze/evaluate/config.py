@@ -16,6 +16,9 @@ SPLIT = "heldout"
 ACC_RATIO = 0.99  # docs/paper-notes.md §1.5: keep >= 99% of dense performance
 N_BOOT = 200
 MIN_TOKENS = 64  # predicted positions below which bootstrap intervals are meaningless
+# Held-out windows below which no bootstrap interval is reported (NaN): resampling whole windows of so few
+# gives a handful of distinct resamples (one window: every resample is the sample, a zero-width interval).
+MIN_WINDOWS = 5
 DEFAULT_GRID = (1.0, 0.99, 0.98, 0.97, 0.95, 0.92, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 # Dense log-probabilities are kept between grid values when they fit (float32 [tokens, vocab]);
 # otherwise the LM head is re-applied to the cached dense hidden states for every value.

@@ -60,7 +60,27 @@ from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_text
 from actsparse.core.progress import ProgressFactory
 
-__all__ = ["build_report", "curve_groups", "report_curves"]
+__all__ = ["build_report", "check_out_dir", "curve_groups", "report_curves"]
+
+
+# Written first into a report's directory: a later report may replace the files of that directory, and of no
+# other non-empty one (a report's fixed file names would overwrite the user's own files).
+MARKER = ".actsparse-report"
+MARKER_TEXT = "This directory holds an actsparse report; `actsparse report --out` may rewrite it.\n"
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an output path that is a file, or a non-empty directory that is not a previous report.
+
+    Raises:
+        ActsparseError: naming the path.
+    """
+    out, given = Path(out_dir).resolve(), out_dir
+    if out.exists() and not out.is_dir():
+        raise ActsparseError(f"--out {given} is a file; give a directory for the report")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise ActsparseError(f"--out {given} is a non-empty directory that holds no actsparse report; "
+                             "give a new or empty directory, or that of a previous report")
 
 
 def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, *,
@@ -69,8 +89,9 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
 
     Args:
         store: store path or URL (or an open ``pipeline.reader.StoreReader``).
-        out_dir: output directory (created if missing); files there with the report's fixed names
-            (``index.html``, ``fig-*.png``, ``fig-*.svg``, ``critical-sparsity.csv``) are overwritten.
+        out_dir: output directory: new, empty, or a previous report's (marked by ``MARKER``), whose files
+            with the report's fixed names (``index.html``, ``fig-*.png``, ``fig-*.svg``,
+            ``critical-sparsity.csv``) are overwritten; any other non-empty directory is refused.
         runs: run ids or unique prefixes (default: every complete run of the store).
         progress: progress reporter for open-loop curves that are not cached yet.
         log: where one-line messages go.
@@ -80,7 +101,7 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
 
     Raises:
         ActsparseError: no complete run, an unknown or incomplete run, a target's missing sites, or
-            an output directory inside the store or that cannot be written.
+            an output directory inside the store, non-empty and not a report, or that cannot be written.
     """
     import matplotlib
     import polars as pl
@@ -95,8 +116,10 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
     if st.is_local and (out == Path(st.root).resolve() or Path(st.root).resolve() in out.parents):
         # a store holds only what its format lists: `actsparse verify` and copies would carry the report
         raise ActsparseError(f"--out {out_dir} is inside the store {st.url}; write the report elsewhere")
+    check_out_dir(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / MARKER, MARKER_TEXT)
     except OSError as e:
         raise ActsparseError(f"cannot create the output directory {out}: {e.strerror or e}") from None
     run_objs = [st.run(i) for i in ids]

@@ -63,6 +63,7 @@ def evaluate(
 
     from actsparse.analyze.evaluate import DEFAULT_GRID, EvalConfig, proxy_check
     from actsparse.analyze.evaluate import evaluate as run_evaluate
+    from actsparse.analyze.evaluate.config import MIN_WINDOWS
 
     set_threads(threads)
     if boot < 1:
@@ -91,6 +92,9 @@ def evaluate(
                            log=(lambda m: None) if quiet else say)
         _print(res.summary, SUMMARY_COLUMNS, f"closed loop: {cfg.target}, {cfg.rule} (eval {res.eval_id}, "
                                              f"{res.summary['n_tokens'][0]} tokens)")
+        if res.summary["n_windows"][0] < MIN_WINDOWS:
+            say(f"note: {res.summary['n_windows'][0]} held-out window(s), fewer than the {MIN_WINDOWS} a bootstrap "
+                "interval needs: no intervals (NaN); raise --max-tokens or lower --seq-len")
         results.append(res)
     _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), CRITICAL_COLUMNS,
            "closed-loop critical sparsity (ratio >= 0.99; 95% bootstrap interval over windows)")

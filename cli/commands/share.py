@@ -16,13 +16,17 @@ def verify(
     add_checksums: bool = typer.Option(False, "--add-checksums",
                                        help="first write checksums.json where a complete run or weights dir has none "
                                             "(stores written before checksums existed; records the files as they are)"),
+    rebuild: bool = typer.Option(False, "--rebuild-catalogue",
+                                 help="first rebuild catalogue.parquet from the complete runs' manifests"),
 ) -> None:
     """Re-read every file and report missing, truncated, altered or unexpected files by name (exit 1 if any)."""
-    from actsparse.share import seal
+    from actsparse.share import rebuild_catalogue, seal
     from actsparse.share import verify as run_verify
 
     if add_checksums:
         seal(store, run, log=say)
+    if rebuild:
+        rebuild_catalogue(store, log=say)
     report = run_verify(store, run)
     for w in report.warnings:
         say(f"warning: {w}")

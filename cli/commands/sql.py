@@ -13,15 +13,27 @@ from actsparse.core.errors import ActsparseError
 MemoryOption = Annotated[str, typer.Option(help="DuckDB memory limit; larger intermediate results spill to a "
                                                 "temporary directory outside the store")]
 DuckThreadsOption = Annotated[int | None, typer.Option("--threads", help="DuckDB threads (default: CPUs, at most 4)")]
+SpillOption = Annotated[str, typer.Option(help="the most a query may spill to disk (a private temporary directory "
+                                               "outside the store, removed on exit); beyond it the query fails")]
 
 
-def open_store(store: str, memory_limit: str, threads: int | None):
-    """The :class:`actsparse.queries.Store` of a command, with its DuckDB limits."""
+def open_store(store: str, memory_limit: str, threads: int | None, max_spill: str):
+    """The :class:`actsparse.queries.Store` of a command, with its DuckDB limits; the runs it leaves out
+    (a missing part) are noted on stderr, one line each."""
+    import warnings
+
     from actsparse.queries import Store
 
     if threads is not None and threads < 1:
         raise ActsparseError(f"--threads must be positive (got {threads})")
-    return Store(store, memory_limit=memory_limit, threads=threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said below, one line each
+        st = Store(store, memory_limit=memory_limit, threads=threads, max_spill=max_spill)
+    for rid, why in st.left_out.items():
+        typer.echo(f"note: run {rid} left out: {why}", err=True)
+    for note in st.notes:
+        typer.echo(f"note: {note}", err=True)
+    return st
 
 
 def sql(
@@ -32,11 +44,12 @@ def sql(
     out: OutOption = None,
     memory_limit: MemoryOption = "2GB",
     threads: DuckThreadsOption = None,
+    max_spill: SpillOption = "20GB",
     max_rows: MaxRowsOption = 50,
 ) -> None:
     """Run one read-only SQL query (DuckDB) over every complete run of a store."""
     check_format(format, FORMATS)
-    with open_store(store, memory_limit, threads) as st:
+    with open_store(store, memory_limit, threads, max_spill) as st:
         emit(st.sql(query), format, out_file=out, max_rows=max_rows, store_root=st.reader.root if st.local else None)
 
 
@@ -58,6 +71,7 @@ def query(
     out: OutOption = None,
     memory_limit: MemoryOption = "2GB",
     threads: DuckThreadsOption = None,
+    max_spill: SpillOption = "20GB",
     max_rows: MaxRowsOption = 50,
 ) -> None:
     """Run a named query (`actsparse query list` shows each one's purpose and parameters)."""
@@ -79,7 +93,7 @@ def query(
     # parameter errors before the store is opened; a missing RUN parameter may still default to the
     # store's only run, which st.query decides
     q.bind(params, resolve_run=lambda ref: ref, only_run="")
-    with open_store(store, memory_limit, threads) as st:
+    with open_store(store, memory_limit, threads, max_spill) as st:
         df = st.query(q.name, **params)
         emit(df, format, out_file=out, max_rows=max_rows, store_root=st.reader.root if st.local else None)
         if df.height == 0:

@@ -272,6 +272,23 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_data():
     assert again.equals(first)
 
 
+def test_too_few_windows_give_no_interval_rather_than_a_zero_width_one():
+    """One held-out window made every resample the sample itself: "95% intervals" of width 0. Below
+    MIN_WINDOWS the intervals are NaN (and the CLI says why); from MIN_WINDOWS on they are real."""
+    from actsparse.analyze.evaluate.config import MIN_WINDOWS
+
+    for n in (1, MIN_WINDOWS - 1):
+        summary, _, critical = summarize(synthetic_windows(n), HOOKS, dict(eval_id="x"), n_boot=200, seed=0)
+        assert summary["n_boot"].to_list() == [0] * summary.height and summary["n_windows"][0] == n
+        for k in ("acc_ratio", "dnll", "sparsity"):
+            assert summary[f"{k}_lo"].is_nan().all() and summary[f"{k}_hi"].is_nan().all(), (n, k)
+            assert not summary[k].is_nan().any()  # the point estimates stay
+        assert critical["critical_lo"].is_nan().all() and critical["boot_undefined"].is_nan().all()
+    summary, _, _ = summarize(synthetic_windows(MIN_WINDOWS), HOOKS, dict(eval_id="x"), n_boot=200, seed=0)
+    at = summary.filter(pl.col("value") == 0.7).row(0, named=True)
+    assert at["dnll_lo"] < at["dnll_hi"] and summary["n_boot"][0] == 200
+
+
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -361,6 +378,39 @@ def test_proxy_check_without_evaluation_is_an_error(f32_store):
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny-other"), "llama", seed=1)
+
+
+def test_a_relative_store_path_records_results_and_one_window_gives_no_interval(f32_store, tmp_path):
+    """`evaluate --store S` with a relative path once recorded nothing in the run's checksums.json (verify warned,
+    pack left the results out); and one held-out window gave zero-width "95% intervals" (here: 128 tokens
+    cut at document ends, fewer than 5 windows)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from actsparse import share
+    from actsparse.core import format as fmt
+    from actsparse.core.checksums import parse_checksums
+
+    store, res = f32_store
+    shutil.copytree(store, tmp_path / "S")
+    exe = str(Path(sys.executable).with_name("actsparse"))
+    r = subprocess.run([exe, "evaluate", "--run", res.run_id[:8], "--store", "S", "--target", "intermediate",
+                        "--grid", "1,0.9", "--seq-len", "128", "--max-tokens", "128", "-q"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"note: [1-4] held-out window\(s\), fewer than the 5 a bootstrap interval needs: no intervals "
+                     r"\(NaN\)", r.stdout), r.stdout
+    run_dir = tmp_path / "S" / fmt.run_path(res.run_id)
+    written = {p.relative_to(run_dir).as_posix() for p in (run_dir / fmt.ANALYSIS).rglob("*")
+               if p.is_file() and p.name not in fmt.LOCKS}
+    listed = parse_checksums((run_dir / fmt.CHECKSUMS).read_bytes(), "c")
+    assert written and written <= set(listed), written - set(listed)
+    report = share.verify(str(tmp_path / "S"))
+    assert report.ok and not report.warnings, [str(w) for w in report.warnings + report.problems]
+    summary = next(iter(stored_evaluations(StoreReader(str(tmp_path / "S")), res.run_id))).summary
+    assert summary["n_windows"].max() < 5 and summary["acc_ratio_lo"].is_nan().all()
 
 
 @pytest.mark.parametrize("case", ["target", "grid", "grid-empty", "few-tokens", "mismatch"])

@@ -28,6 +28,7 @@ import pytest
 from actsparse import CollectConfig, collect
 from actsparse.analyze.evaluate import EvalConfig, evaluate
 from actsparse.analyze.report import build_report
+from actsparse.core import format as fmt
 from actsparse.core.vocab import SITES
 from tests.helpers import run_cli
 
@@ -259,10 +260,28 @@ def test_report_errors_are_one_line(tiny_store, tmp_path):
     out = str(tmp_path / "o")
     for args, message in ((["report", str(tmp_path / "nothing"), "--out", out], "not an actsparse store"),
                           (["report", str(store), "--out", out, "--run", "ffff"], "unknown run"),
-                          (["report", str(store), "--out", str(store / "report")], "is inside the store")):
+                          (["report", str(store), "--out", str(store / "report")], "is inside the store"),
+                          (["report", str(store), "--out", "/"], "is a non-empty directory that holds no actsparse "
+                                                                 "report"),
+                          (["report", str(store), "--out", str(store / fmt.MANIFEST)], "is inside the store")):
         r = run_cli(*args)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_report_never_overwrites_files_it_did_not_write(tiny_store, tmp_path):
+    """`report --out DIR` overwrote the user's files in a non-empty directory (and wrote into `/` if asked)."""
+    store, _ = tiny_store
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page")
+    r = run_cli("report", str(store), "--out", str(mine))
+    assert r.returncode == 2 and r.stderr.startswith(f"error: --out {mine} is a non-empty directory that holds no "
+                                                     "actsparse report"), r.stderr
+    assert [p.name for p in mine.iterdir()] == ["index.html"] and (mine / "index.html").read_text() == "my own page"
+    (tmp_path / "file").write_text("x")
+    r = run_cli("report", str(store), "--out", str(tmp_path / "file"))
+    assert r.returncode == 2 and "is a file" in r.stderr and (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,7 +252,8 @@ def _no_complete_run(store: Path):
         assert json.loads(m.read_text())["status"] != "complete"
 
 
-@pytest.mark.parametrize("case", ["alias", "path", "arch", "empty", "undecodable", "field", "seqlen", "site", "storefile"])
+@pytest.mark.parametrize("case", ["alias", "path", "arch", "empty", "undecodable", "field", "seqlen", "seqlen1", "site",
+                                  "storefile", "pickle"])
 def test_bad_input_gets_one_line_error(case, tiny_llama, text_corpus, tmp_path):
     store = tmp_path / "S"
     model, corpus, extra = str(tiny_llama), str(text_corpus), []
@@ -273,8 +275,17 @@ def test_bad_input_gets_one_line_error(case, tiny_llama, text_corpus, tmp_path):
         extra, words = ["--text-field", "body"], ["body"]
     elif case == "seqlen":
         extra, words = ["--seq-len", "4096"], ["exceeds the context"]
+    elif case == "seqlen1":  # once "must be positive"
+        extra, words = ["--seq-len", "1"], ["--seq-len must be at least 2 (BOS and one token; got 1)"]
     elif case == "site":
         extra, words = ["--sites", "input,gates"], ["unknown site"]
+    elif case == "pickle":  # once a traceback (torch refuses the pickle, rightly); never loaded at all now
+        from safetensors.torch import load_file
+
+        pickled = Path(shutil.copytree(tiny_llama, tmp_path / "pickled"))
+        torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+        (pickled / "model.safetensors").unlink()
+        model, words = str(pickled), ["holds pickle weights only (pytorch_model.bin); actsparse never loads pickle"]
     else:
         store.write_text("not a dir")
         words = ["is a file"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -54,13 +55,18 @@ def test_shards_are_byte_identical_to_zarrs_edge_shard_included(tmp_path, dtype)
 
 def test_other_layouts_go_through_zarr(tmp_path):
     """An array this writer does not reproduce (here: no sharding) gets zarr's own write path."""
-    arr = zarr.create_array(tmp_path / "plain", shape=(3, 2 * T, 8), chunks=(1, T, 8), dtype="uint16", fill_value=0)
-    assert ShardWriter.for_array(arr, tmp_path / "plain") is None
+    arr = zarr.create_array(tmp_path / "x", shape=(3, 2 * T, 8), chunks=(1, T, 8), dtype="uint16", fill_value=0)
+    assert ShardWriter.for_array(arr, tmp_path / "x") is None
     write = shard_writes({"x": arr}, tmp_path, T)["x"]
     block = activation_bits((3, T, 8), seed=1)
-    write(1, block)
+    files = write(1, block)
     np.testing.assert_array_equal(arr[:, T:], block)
     assert not arr[:, :T].any()
+    # every chunk file the write touched, with the crc32c and size of what is on disk
+    assert sorted(files) == [f"x/c/{layer}/1/0" for layer in range(3)]
+    for rel, (crc, size) in files.items():
+        data = (tmp_path / rel).read_bytes()
+        assert (crc, size) == (f"{google_crc32c.value(data):08x}", len(data))
 
 
 def test_a_block_of_the_wrong_shape_is_refused(tmp_path):

@@ -318,3 +318,117 @@ def test_api_exported_lazily():
             "assert 'torch' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile queries and damaged stores (issue: "Hostile stores, archives and queries")
+
+
+def _one_line(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr and all(w in lines[0] for w in words), r.stderr
+
+
+def test_a_write_inside_a_cte_is_refused_and_the_store_is_unchanged(store, tmp_path):
+    """The issue's examples: `WITH x AS (COPY ... TO '<manifest>') SELECT * FROM x` overwrote a manifest (exit 0),
+    and `WITH d AS (DELETE FROM runs RETURNING *) SELECT * FROM d` emptied `runs` for the Store's lifetime."""
+    path = Path(shutil.copytree(store[0], tmp_path / "W"))
+    a = store[1]
+    before = _tree_digest(path)
+    for target in (f"{path}/runs/{a}/manifest.json", f"actsparse://runs/{a}/manifest.json"):
+        _one_line(run_cli("sql", str(path), f"WITH x AS (COPY (SELECT 'x' AS a) TO '{target}' (FORMAT csv)) "
+                                            "SELECT * FROM x"), "read-only (COPY inside the query refused)")
+    with Store(path) as st:
+        n = st.sql("SELECT count(*) AS n FROM runs")["n"][0]
+        with pytest.raises(ActsparseError, match=r"read-only \(DELETE inside the query refused\)"):
+            st.sql("WITH d AS (DELETE FROM runs RETURNING *) SELECT * FROM d")
+        assert st.sql("SELECT count(*) AS n FROM runs")["n"][0] == n == 2
+    assert _tree_digest(path) == before
+
+
+def test_the_engine_itself_writes_nothing_whatever_statement_reaches_it(store, tmp_path):
+    """The second barrier, tried past the statement check: no path DuckDB may touch is writable, the tables are
+    views over Arrow data, and the configuration is locked."""
+    import duckdb
+
+    path = Path(shutil.copytree(store[0], tmp_path / "W"))
+    before = _tree_digest(path)
+    with Store(path) as st:
+        for sql in (f"COPY (SELECT 1 AS a) TO '{path}/runs/x.csv'", "COPY (SELECT 1 AS a) TO 'actsparse://runs/y.csv'",
+                    f"COPY (SELECT 1 AS a) TO '{tmp_path}/outside.csv'", f"ATTACH '{path}/x.duckdb' AS x",
+                    "DELETE FROM runs", "INSERT INTO runs SELECT * FROM runs", "UPDATE _runs_arrow SET n_tokens = 0",
+                    "WITH d AS (DELETE FROM runs RETURNING *) SELECT * FROM d",
+                    "SET allowed_directories = ['/']", "SET enable_external_access = true"):
+            with pytest.raises(duckdb.Error):
+                st._con.sql(sql).fetchall()
+        assert st.sql("SELECT count(*) AS n FROM runs")["n"][0] == 2
+        assert st.sql("SELECT count(*) AS n FROM tokens")["n"][0] == 900  # reads go through the wrapper
+    assert _tree_digest(path) == before and not (tmp_path / "outside.csv").exists()
+
+
+def test_a_missing_part_leaves_its_run_out_and_says_so(store, tmp_path):
+    """A missing tokens part made `sql` and `query` fail with a 47-line traceback, even for the intact runs; a
+    missing token_stats part silently shrank every result."""
+    path, a, b = store
+    dst = Path(shutil.copytree(path, tmp_path / "D"))
+    with Store(path) as st:
+        stats_a = st.sql("SELECT count(*) AS n FROM token_stats WHERE run_id = $r", r=a)["n"][0]
+    stats = f"runs/{b}/token_stats/site=gate/{fmt.part_name(1)}"
+    (dst / stats).unlink()
+    note_b = f"note: run {b} left out: {stats} is missing (`actsparse verify` checks the store)"
+    r = run_cli("sql", str(dst), "SELECT run_id, count(*) AS n FROM token_stats GROUP BY ALL", "--format", "csv")
+    assert r.returncode == 0 and r.stderr.splitlines() == [note_b], r.stderr
+    assert r.stdout.splitlines() == ["run_id,n", f"{a},{stats_a}"]  # the intact run, whole
+    r = run_cli("query", "layer_profile", str(dst), "-p", f"run={a}", "-p", "site=gate")
+    assert r.returncode == 0 and r.stderr.splitlines() == [note_b] and "(3 rows)" in r.stdout, r.stderr
+    with pytest.warns(UserWarning, match=f"run {b} left out"), Store(dst) as st:
+        assert st.run_ids == [a] and st.left_out.keys() == {b}
+        assert st.sql("SELECT count(*) AS n FROM token_stats")["n"][0] == stats_a  # nothing silently shrunk
+        assert st.sql("SELECT list(run_id) AS r FROM runs")["r"][0].to_list() == [a]
+    tokens = f"runs/{a}/tokens/{fmt.part_name(2)}"
+    (dst / tokens).unlink()
+    r = run_cli("query", "layer_profile", str(dst), "-p", f"run={a}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and lines[:2] == [
+        f"note: run {a} left out: {tokens} is missing (`actsparse verify` checks the store)", note_b], r.stderr
+    assert lines[2:] == [f"error: run {a} is left out of the tables: {tokens} is missing (`actsparse verify` "
+                         "checks the store)"]
+
+
+def test_a_fifo_or_a_huge_manifest_ends_at_once(store, tmp_path):
+    """A FIFO in place of a store file blocked readers forever; a manifest with a 400-digit n_tokens made `sql`
+    loop with memory growing ~270 MB/s."""
+    import os
+
+    path, a, b = store
+    dst = Path(shutil.copytree(path, tmp_path / "F"))
+    part = dst / "runs" / a / "tokens" / fmt.part_name(0)
+    part.unlink()
+    os.mkfifo(part)
+    m = json.loads((dst / "runs" / b / "manifest.json").read_text())
+    (dst / "runs" / b / "manifest.json").write_text(json.dumps(m | {"n_tokens": 10**400}))
+    r = run_cli("sql", str(dst), "SELECT count(*) AS n FROM runs", timeout=60)
+    assert r.returncode == 0 and "(1 row)" in r.stdout and "| 0 " in r.stdout, r.stdout + r.stderr
+    assert f"note: run {a} left out: runs/{a}/tokens/{fmt.part_name(0)} is a FIFO" in r.stderr
+
+
+def test_limits_and_parameters_that_make_no_sense_are_one_line(store, tmp_path):
+    path, a, _ = store
+    _one_line(run_cli("sql", str(path), "SELECT 1", "--memory-limit", "1KB"), "--memory-limit 1KB is below")
+    _one_line(run_cli("sql", str(path), "SELECT 1", "--max-spill", "lots"), "--max-spill must be a size")
+    _one_line(run_cli("query", "extreme_tokens", str(path), "-p", f"run={a}", "-p", "n=-3"),
+              "parameter n must be in [1, 100000], got -3")
+    _one_line(run_cli("query", "sparsity_by_position", str(path), "-p", f"run={a}", "-p", "layer=-7"),
+              "parameter layer must be in [-1, 4095], got -7")
+
+
+def test_sql_out_is_written_whole_or_not_at_all(store, tmp_path):
+    """`sql --out` left a truncated file on a full disk."""
+    path, _, _ = store
+    with tmpfs(tmp_path / "small", size="64k") as small:
+        out = small / "r.csv"
+        out.write_text("previous result\n")
+        r = run_cli("sql", str(path), "SELECT * FROM token_stats", "--format", "csv", "--out", str(out))
+        _one_line(r, "disk full while writing", str(out))
+        assert out.read_text() == "previous result\n" and [p.name for p in small.iterdir()] == ["r.csv"]

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from actsparse.core import format as fmt
 from actsparse.core.checksums import parse_checksums, update_checksums
 from actsparse.core.errors import ActsparseError
 from actsparse.pipeline.reader import StoreReader
-from tests.helpers import run_cli
+from tests.helpers import RangeHandler, run_cli, tmpfs
 
 SITES = ("input", "gate", "intermediate")
 
@@ -143,7 +144,10 @@ def test_verify_reports_incomplete_runs_and_missing_weights(base, tmp_path):
     shutil.rmtree(s / "models")
     problems = [str(p) for p in share.verify(str(s)).problems]
     wid = m["model"]["weights_id"]
-    assert problems == [f"runs/{base[1]}: incomplete run (status 'incomplete'); resume it with the same `actsparse collect`",
+    # the catalogue still lists the run it was built with, now incomplete
+    assert problems == [f"catalogue.parquet: lists run '{base[1]}', which is not a complete run of the store; "
+                        "`actsparse verify --rebuild-catalogue` rebuilds it",
+                        f"runs/{base[1]}: incomplete run (status 'incomplete'); resume it with the same `actsparse collect`",
                         f"models/{wid}/{fmt.WEIGHTS}: missing (weights of run {base[2]})"]
 
 
@@ -353,3 +357,187 @@ def test_http_without_aiohttp_is_a_one_line_error():
             StoreReader("http://127.0.0.1:9/store/")
     else:
         pytest.skip("aiohttp is installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile archives and stores (issue: "Hostile stores, archives and queries")
+
+
+def _one_line(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr and all(w in lines[0] for w in words), r.stderr
+
+
+@pytest.fixture(scope="module")
+def archive(base, tmp_path_factory):
+    path = tmp_path_factory.mktemp("archive") / "small.tar"
+    share.pack(str(base[0]), path, [base[2]], log=lambda m: None)
+    return path
+
+
+def test_a_compressed_archive_is_refused_by_its_first_bytes(archive, tmp_path):
+    """`unpack` accepted compressed tars and extracted every member before checking it (a 2 MB gzip wrote 2 GiB)."""
+    import bz2
+    import gzip
+    import lzma
+
+    for name, compress, kind in (("a.tar.gz", gzip.compress, "gzip"), ("a.tar.bz2", bz2.compress, "bzip2"),
+                                 ("a.tar.xz", lzma.compress, "xz")):
+        path = tmp_path / name
+        path.write_bytes(compress(archive.read_bytes()))
+        _one_line(run_cli("unpack", str(path), str(tmp_path / "D")), f"is {kind}-compressed", "plain tar")
+        assert not (tmp_path / "D").exists()
+
+
+def _with_member(archive: Path, out: Path, name: str, data: bytes) -> Path:
+    """A copy of an archive with one more member (or one replaced), archive.json unchanged."""
+    with tarfile.open(archive) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.name != name]
+    return _tar(out, [*members, (_info(name), data)])
+
+
+def test_every_member_is_checked_against_the_index_before_a_byte_is_written(base, archive, tmp_path, monkeypatch):
+    small = base[2]
+    doc = f"runs/{small}/documents.parquet"
+    cases = {
+        "oversized": (_with_member(archive, tmp_path / "big.tar", doc, b"\0" * (64 << 20)),
+                      f"member {doc} is {64 << 20} bytes, archive.json lists"),
+        "unlisted": (_with_member(archive, tmp_path / "extra.tar", f"runs/{small}/tokens/part-000009.parquet", b"x"),
+                     "is not listed in archive.json"),
+    }
+    for name, (bad, message) in cases.items():
+        dest = tmp_path / f"D-{name}"
+        _one_line(run_cli("unpack", str(bad), str(dest)), message)
+        assert not dest.exists(), name  # refused before the store was even created
+    from actsparse.share import archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_ENTRIES", 5)
+    with pytest.raises(ActsparseError, match="more than 5 members"):
+        share.unpack(archive, tmp_path / "D-many", log=lambda m: None)
+    assert not (tmp_path / "D-many").exists()
+
+
+def test_an_archive_that_does_not_fit_is_refused_before_writing(archive, tmp_path):
+    with tmpfs(tmp_path / "small", size="64k") as small:
+        _one_line(run_cli("unpack", str(archive), str(small / "D")), "free; nothing was written")
+        assert list(small.iterdir()) == []
+
+
+def test_merge_stops_one_byte_past_the_recorded_size(base, tmp_path):
+    """`merge` copied a source file to its end before comparing sizes (3 GiB for a file recorded at 2,898 bytes)."""
+    src = _copy(base, tmp_path, "SRC")
+    small = base[2]
+    doc = src / "runs" / small / "documents.parquet"
+    recorded = parse_checksums((src / "runs" / small / fmt.CHECKSUMS).read_bytes(), "c")["documents.parquet"][1]
+    with open(doc, "r+b") as f:
+        f.truncate(3 << 30)  # 3 GiB, sparse: nothing to read but zeros
+    t0 = time.time()
+    r = run_cli("merge", str(src), str(tmp_path / "DST"), "--run", small, timeout=120)
+    _one_line(r, f"runs/{small}/documents.parquet", f"altered (larger than the {recorded} bytes listed)")
+    assert time.time() - t0 < 60
+    assert not [p for p in (tmp_path / "DST").rglob("*") if p.name.startswith(".incoming-")]
+    report = share.verify(str(src), [small])
+    assert [str(p) for p in report.problems] == [f"runs/{small}/documents.parquet: altered (larger than the "
+                                                 f"{recorded} bytes listed)"]
+
+
+class EndlessHandler(RangeHandler):
+    """Serves one file as an endless body of unknown length (a hostile or broken server)."""
+
+    endless = "documents.parquet"
+
+    def do_HEAD(self):
+        if self.path.endswith(self.endless):
+            self.send_response(200)
+            self.end_headers()
+            return None
+        return super().do_HEAD()
+
+    def do_GET(self):
+        if not self.path.endswith(self.endless):
+            return super().do_GET()
+        self.send_response(200)
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"\0" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+
+def test_merge_from_an_endless_http_source_stops(base, tmp_path, serve):
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp (pip install 'actsparse[http]')")
+    store, _, small = base
+    url = serve(store.parent, EndlessHandler) + f"/{store.name}/"
+    r = run_cli("merge", url, str(tmp_path / "DST"), "--run", small, timeout=120)
+    _one_line(r, f"runs/{small}/documents.parquet", "altered (larger than the")
+
+
+def test_a_fifo_in_place_of_a_store_file_blocks_nothing(base, tmp_path):
+    """A FIFO in place of a store file made `verify` and `pack` block forever."""
+    import os
+
+    s = _copy(base, tmp_path)
+    small = base[2]
+    doc = s / "runs" / small / "documents.parquet"
+    doc.unlink()
+    os.mkfifo(doc)
+    r = run_cli("verify", str(s), timeout=120)
+    assert r.returncode == 1 and f"runs/{small}/documents.parquet: FIFO (a store holds regular files only)" in r.stdout
+    _one_line(run_cli("pack", str(s), str(tmp_path / "a.tar"), timeout=120), f"runs/{small}/documents.parquet")
+    assert not list(tmp_path.glob("a.tar*"))
+    manifest = s / "runs" / small / fmt.MANIFEST
+    manifest.rename(tmp_path / "m.json")
+    os.mkfifo(manifest)
+    r = run_cli("runs", str(s), timeout=120)
+    assert r.returncode == 0 and "FIFO" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_manifest_with_a_400_digit_size_is_refused_at_once(base, tmp_path):
+    """A manifest with `"n_tokens": 1e400`-sized integers made `verify` and `sql` loop, memory growing ~270 MB/s."""
+    s = _copy(base, tmp_path)
+    small = base[2]
+    m = json.loads((s / "runs" / small / fmt.MANIFEST).read_text())
+    for field, value in (("n_tokens", 10**400), ("chunk_tokens", 10**400), ("n_tokens", 10**12)):
+        (s / "runs" / small / fmt.MANIFEST).write_text(json.dumps(m | {field: value}))
+        t0 = time.time()
+        r = run_cli("verify", str(s), timeout=120)
+        assert r.returncode == 1 and time.time() - t0 < 60 and "Traceback" not in r.stderr
+        assert f"runs/{small}/manifest.json: invalid (run {small}: manifest" in r.stdout, r.stdout
+
+
+def test_verify_covers_the_store_root_and_the_catalogue(base, tmp_path):
+    """`verify` said ok with a garbage catalogue.parquet or foreign entries at the store root."""
+    import os
+
+    s = _copy(base, tmp_path)
+    (s / "notes.txt").write_text("mine")
+    (s / "stuff").mkdir()
+    os.symlink("/etc", s / "etc")
+    (s / "models" / "not-an-id").mkdir()
+    (s / "evaluations").mkdir()
+    (s / "evaluations" / "random.bin").write_bytes(b"x")
+    r = run_cli("verify", str(s))
+    assert r.returncode == 1
+    found = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in r.stdout.splitlines() if ": " in line}
+    for name in ("notes.txt", "stuff", "etc", "models/not-an-id", "evaluations/random.bin"):
+        assert name in found and "unexpected" in found[name] or "symbolic link" in found[name], (name, found)
+    for p in ("notes.txt", "stuff", "etc", "models/not-an-id", "evaluations"):
+        shutil.rmtree(s / p) if (s / p).is_dir() and not (s / p).is_symlink() else (s / p).unlink()
+    (s / fmt.CATALOGUE).write_bytes(b"PAR1 garbage PAR1")
+    r = run_cli("verify", str(s))
+    assert r.returncode == 1 and "catalogue.parquet: not a readable Parquet table" in r.stdout
+    assert "`actsparse verify --rebuild-catalogue` rebuilds it" in r.stdout
+    shutil.rmtree(s / "runs" / base[2])  # a stale row: the catalogue lists a run that is gone
+    r = run_cli("verify", str(s), "--rebuild-catalogue")
+    assert r.returncode == 0 and "rebuilt catalogue.parquet: 1 complete run(s)" in r.stdout, r.stdout
+    assert share.verify(str(s)).ok
+
+
+def test_pack_refuses_an_output_inside_the_store(base, tmp_path):
+    s = _copy(base, tmp_path)
+    for inside in (s / "corpus.tar", s / "runs" / "x.tar"):
+        _one_line(run_cli("pack", str(s), str(inside)), "is inside the store")
+        assert not inside.exists()
+    assert share.verify(str(s)).ok
