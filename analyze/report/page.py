@@ -104,7 +104,10 @@ def _provenance(rd: RunData) -> str:
     return f'<h3 id="run-{rd.run.run_id}">{_e(rd.label)}</h3><table>{body}</table>'
 
 
-def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tolerance: float) -> str:
+def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tolerance: float, *,
+         tasks_html: str = "") -> str:
+    """The page; ``tasks_html``: the downstream-task table (``report.tasks.task_table``), its section left out
+    when empty."""
     from actsparse.core import __version__
 
     by_stem = {f.stem: f for f in figs}
@@ -140,6 +143,8 @@ def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tol
         '<h2><span class="tag open">open-loop</span>Sparsity and simulated error</h2>', fig("fig-error-vs-sparsity"),
         per_run("fig-sparsity-vs-topp"), per_run("fig-heatmap"),
         '<h2><span class="tag closed">closed-loop</span>Evaluation</h2>', closed,
+        *(['<h2><span class="tag closed">closed-loop</span>Downstream tasks (lm-eval)</h2>', tasks_html,
+           per_run("fig-task-accuracy"), per_run("fig-task-critical")] if tasks_html else []),
         "<h2>Activations</h2>", per_run("fig-magnitudes"), per_run("fig-position"),
         "<h2>Provenance</h2>", "".join(_provenance(rd) for rd in data),
         "</body></html>",
