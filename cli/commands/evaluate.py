@@ -6,7 +6,6 @@ See :mod:`actsparse.analyze.evaluate` for the protocol, the metrics and where re
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -59,7 +58,8 @@ def evaluate(
     tasks: str | None = typer.Option(None, "--tasks", help="lm-eval task or tag names, task YAML files or directories "
                                                           "(comma-separated): task accuracy instead of next-token "
                                                           "metrics; shipped: actsparse_wiki"),
-    include_path: list[Path] | None = typer.Option(None, "--include-path", help="directory of task YAMLs (repeatable)"),
+    include_path: list[Path] | None = typer.Option(None, "--include-path", metavar="DIR",
+                                                   help="--tasks: a directory of task YAMLs (repeatable)"),
     limit: float | None = typer.Option(None, help="--tasks: examples per task (or a fraction < 1)"),
     num_fewshot: int | None = typer.Option(None, help="--tasks: few-shot examples per prompt (default: the task's)"),
     count_mode: str = typer.Option("real", help="--tasks: positions counted for sparsity: real (not padding, not "
@@ -116,8 +116,6 @@ def _evaluate_tasks(tasks: str, include_paths: list[Path], model, store, run, ta
     """``evaluate --tasks``: lm-eval tasks dense and per grid value, per target; task critical sparsity."""
     import polars as pl
 
-    if quiet:  # lm-eval's own progress bars are tqdm's, which reads this when it is first imported
-        os.environ.setdefault("TQDM_DISABLE", "1")
     from actsparse.analyze.tasks import TaskEvalConfig, evaluate_tasks
 
     configs = [TaskEvalConfig(model=model, target=t, rule=rule, grid=values, power=power, count_mode=count_mode,
