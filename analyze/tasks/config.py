@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actsparse.analyze.evaluate.config import DEFAULT_GRID
+from actsparse.analyze.evaluate.config import DEFAULT_GRID, EvalConfig
 from actsparse.analyze.sparsifier import check_closed_loop
 from actsparse.analyze.tasks.counting import count_mode
 from actsparse.core import format as fmt
@@ -47,12 +47,7 @@ class TaskEvalConfig:
     compute_dtype: str = "float32"
     trust_remote_code: bool = False
 
-    def values(self) -> tuple[float, ...]:
-        """The grid as floats, duplicates dropped, in the given order."""
-        try:
-            return tuple(dict.fromkeys(float(v) for v in self.grid))
-        except (TypeError, ValueError):
-            raise ActsparseError(f"grid values must be numbers, got {self.grid!r}") from None
+    values = EvalConfig.values  # the grid as closed-loop evaluation reads it: floats, duplicates dropped, in order
 
     def validate(self) -> None:
         """Raise ActsparseError for settings that cannot work, before lm-eval or the model is loaded."""

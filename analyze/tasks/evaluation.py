@@ -16,10 +16,10 @@ from actsparse.analyze.tasks.config import N_BOOT, TaskEvalConfig, TaskEvaluatio
 from actsparse.analyze.tasks.critical import critical_tables, task_curve
 from actsparse.analyze.tasks.harness import TaskResult, evaluate_task
 from actsparse.analyze.tasks.selection import AVERAGE, require_lm_eval, select_tasks, task_fingerprint
-from actsparse.analyze.tasks.storage import read_config, stored_runs, write_part
+from actsparse.analyze.tasks.storage import parts_dir, read_config, stored_runs, write_part
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
-from actsparse.core.files import atomic_write_json, atomic_write_parquet, disk_error, exclusive_lock
+from actsparse.core.files import atomic_write_json, atomic_write_parquet, exclusive_lock
 
 LABEL = "lm-eval task"
 Runs = dict[str, dict[float | None, TaskResult]]  # {task: {value or None (dense): run}}
@@ -82,11 +82,7 @@ def evaluate_tasks(cfg: TaskEvalConfig, tasks: str | Sequence[str], store: str |
         return _finish(job, runs, None, n_boot, seed, list(wanted), [])
 
     base = base_dir(store, run_id)
-    parts = base / fmt.task_parts(eval_id)
-    try:
-        parts.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise disk_error(e, f"creating {parts}") from e
+    parts = parts_dir(base, eval_id)
     with exclusive_lock(parts / fmt.LOCK, f"task evaluation {eval_id}"):
         config = read_config(parts)
         widths = None if config is None else np.array([h["width"] for h in config["hooks"]], dtype=np.int64)

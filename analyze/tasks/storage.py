@@ -22,9 +22,23 @@ import numpy as np
 from actsparse.analyze.tasks.counting import PHASES, PhaseCounts
 from actsparse.analyze.tasks.harness import TaskResult
 from actsparse.core import format as fmt
-from actsparse.core.files import atomic_write_parquet
+from actsparse.core.files import atomic_write_parquet, disk_error
 
 _COLUMNS = [c for c, _ in fmt.TASK_PART_COLUMNS]
+
+
+def parts_dir(base: Path, eval_id: str) -> Path:
+    """The parts directory of a task evaluation under the result base, created if missing.
+
+    Raises:
+        ActsparseError: it cannot be created (``core.files.disk_error``).
+    """
+    path = base / fmt.task_parts(eval_id)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, f"creating {path}") from e
+    return path
 
 
 def part_table(result: TaskResult, fingerprint: str):

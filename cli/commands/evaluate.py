@@ -127,11 +127,10 @@ def _evaluate_tasks(tasks: str, include_paths: list[Path], model, store, run, ta
         cfg.validate()
     results = []
     for cfg in configs:
-        res = evaluate_tasks(cfg, tasks, store, run, include_paths=include_paths, n_boot=boot,
-                             log=(lambda m: None) if quiet else say)
-        _print(res.summary, TASK_COLUMNS, f"lm-eval tasks: {cfg.target}, {cfg.rule} (eval {res.eval_id}, "
-                                          f"count mode {cfg.count_mode})")
-        results.append(res)
+        results.append(evaluate_tasks(cfg, tasks, store, run, include_paths=include_paths, n_boot=boot,
+                                      log=(lambda m: None) if quiet else say))
+        _print(results[-1].summary, TASK_COLUMNS, f"lm-eval tasks: {cfg.target}, {cfg.rule} (eval "
+                                                  f"{results[-1].eval_id}, count mode {cfg.count_mode})")
     _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), TASK_CRITICAL_COLUMNS,
            "task critical sparsity (accuracy ratio >= 0.99; 95% bootstrap interval over examples)")
 
