@@ -16,7 +16,7 @@ from actsparse.analyze.tasks.config import N_BOOT, TaskEvalConfig, TaskEvaluatio
 from actsparse.analyze.tasks.critical import critical_tables, task_curve
 from actsparse.analyze.tasks.harness import TaskResult, evaluate_task
 from actsparse.analyze.tasks.selection import AVERAGE, require_lm_eval, select_tasks, task_fingerprint
-from actsparse.analyze.tasks.storage import parts_dir, read_config, stored_runs, write_part
+from actsparse.analyze.tasks.storage import parts_dir, read_widths, stored_runs, write_part
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_json, atomic_write_parquet, exclusive_lock
@@ -84,8 +84,7 @@ def evaluate_tasks(cfg: TaskEvalConfig, tasks: str | Sequence[str], store: str |
     base = base_dir(store, run_id)
     parts = parts_dir(base, eval_id)
     with exclusive_lock(parts / fmt.LOCK, f"task evaluation {eval_id}"):
-        config = read_config(parts)
-        widths = None if config is None else np.array([h["width"] for h in config["hooks"]], dtype=np.int64)
+        widths = read_widths(parts)
         stored = {} if widths is None else stored_runs(parts, widths)
         reused = [(t, v) for t, v in wanted if t in stored and stored[t][0] == fingerprints[t] and v in stored[t][1]]
         todo = [w for w in wanted if w not in reused]
@@ -94,8 +93,7 @@ def evaluate_tasks(cfg: TaskEvalConfig, tasks: str | Sequence[str], store: str |
         for task, _, result in job.compute(todo, parts=parts, base=base):
             path = write_part(parts, result, fingerprints[task])
             checksum(base, run_id, [path])
-        config = read_config(parts)
-        widths = np.array([h["width"] for h in config["hooks"]], dtype=np.int64)
+        widths = read_widths(parts)
         # every task stored under this id, with at least one grid value (a run killed after the dense one has none)
         runs = {t: r for t, (_, r) in stored_runs(parts, widths).items() if len(r) > 1}
         return _finish(job, runs, base, n_boot, seed, todo, reused)

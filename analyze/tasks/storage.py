@@ -91,10 +91,15 @@ def read_part(path: Path, widths: np.ndarray) -> tuple[TaskResult, str] | None:
     return result, t["fingerprint"][0]
 
 
-def read_config(parts: Path) -> dict | None:
-    """The parts directory's ``config.json``, or None before the first run is written."""
-    path = parts / fmt.EVALUATION_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_widths(parts: Path) -> np.ndarray | None:
+    """The hook widths int64 [n_hooks] of the parts directory's ``config.json``; None before the first run is
+    written, or when it cannot be read (the runs are then made again and the file rewritten)."""
+    try:
+        hooks = json.loads((parts / fmt.EVALUATION_CONFIG).read_text())["hooks"]
+        widths = np.array([int(h["width"]) for h in hooks], dtype=np.int64)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return widths if widths.ndim == 1 and len(widths) and (widths > 0).all() else None
 
 
 def stored_runs(parts: Path, widths: np.ndarray) -> dict[str, tuple[str, dict[float | None, TaskResult]]]:

@@ -23,7 +23,7 @@ from actsparse.core.errors import ActsparseError
 from actsparse.queries import Store
 from tests.helpers import ROOT, run_cli, write_task
 
-VALUES = (1.0, 0.8, 0.5)
+VALUES = (1.0, 0.5)
 QA = [dict(context=f"Question {i}: what comes after {w}?", choices=["one", "two", "three", "four"], label=i % 4)
       for i, w in enumerate(["one", "two", "three", "zero", "one", "two", "three", "zero"])]
 MC_BODY = ("output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_target: label\n"
@@ -44,7 +44,7 @@ def test_resume_after_a_kill(tmp_path):
     store = tmp_path / "S"
     exe = Path(sys.executable).with_name("actsparse")
     cmd = [str(exe), "evaluate", "--tasks", CLOZE_TASK, "--model", "smollm2-135m", "--grid", ",".join(map(str, VALUES)),
-           "--limit", "6", "--batch-size", "3", "--store", str(store), "--quiet"]
+           "--limit", "4", "--batch-size", "2", "--store", str(store), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
@@ -59,20 +59,20 @@ def test_resume_after_a_kill(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     [parts] = [p for p in store.glob("evaluations/tasks-*") if p.is_dir()]
     before = _parts(parts)
-    assert fmt.task_part(CLOZE_TASK, None) in before and 2 <= len(before) < 1 + len(VALUES)
+    assert set(before) == {fmt.task_part(CLOZE_TASK, v) for v in (None, VALUES[0])}
     assert not list(store.glob("evaluations/*.parquet"))  # the tables are written at the end only
 
-    cfg = TaskEvalConfig(model="smollm2-135m", grid=VALUES, limit=6, batch_size=3)  # the CLI's other defaults
+    cfg = TaskEvalConfig(model="smollm2-135m", grid=VALUES, limit=4, batch_size=2)  # the CLI's other defaults
     res = evaluate_tasks(cfg, CLOZE_TASK, store, n_boot=50, log=quiet)
     assert parts.name == fmt.task_parts(res.eval_id)  # the same identity as the killed CLI run
     assert len(res.reused) == len(before) and len(res.reused) + len(res.computed) == 1 + len(VALUES)
     after = _parts(parts)
     assert {k: after[k] for k in before} == before  # finished runs were not redone
     s = res.summary.sort("value", descending=True)
-    assert s["value"].to_list() == list(VALUES) and s["n_examples"].to_list() == [6] * 3
-    assert s["sparsity"].to_list() == sorted(s["sparsity"].to_list()) and s["sparsity"][2] > 0.5  # lower p, sparser
+    assert s["value"].to_list() == list(VALUES) and s["n_examples"].to_list() == [4] * 2
+    assert s["sparsity"][0] < 1e-5 and s["sparsity"][1] > 0.8  # top-p 1 keeps nearly all, 0.5 drops most
     assert s["sparsity_prefill"].to_list() == s["sparsity"].to_list()  # loglikelihood: prefill only
-    assert res.examples.height == 6 * len(VALUES) and res.critical["task"].to_list() == [CLOZE_TASK]
+    assert res.examples.height == 4 * len(VALUES) and res.critical["task"].to_list() == [CLOZE_TASK]
 
     again = evaluate_tasks(cfg, CLOZE_TASK, store, n_boot=50, log=quiet)
     assert again.computed == [] and len(again.reused) == 1 + len(VALUES)
