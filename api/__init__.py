@@ -7,13 +7,15 @@ command line and light scripts do not pay for DuckDB or torch they do not touch:
 * :func:`collect` / :class:`CollectConfig` — collection with the per-token statistics written beside the
   activations (``actsparse.pipeline.collect`` with ``actsparse.analyze.token_stats.TOKEN_STATS``);
 * :func:`compute_curves`, :func:`critical_sparsity` — open-loop analysis (``actsparse.analyze.curves``);
-* :func:`evaluate` / :class:`EvalConfig` — closed-loop evaluation (``actsparse.analyze.evaluate``).
+* :func:`evaluate` / :class:`EvalConfig` — closed-loop evaluation (``actsparse.analyze.evaluate``);
+* :func:`evaluate_tasks` / :class:`TaskEvalConfig` — downstream-task critical sparsity through
+  lm-evaluation-harness (``actsparse.analyze.tasks``; the ``tasks`` extra).
 """
 
 from actsparse.core import __version__
 
-__all__ = ["CollectConfig", "EvalConfig", "Store", "__version__", "collect", "compute_curves", "critical_sparsity",
-           "evaluate"]
+__all__ = ["CollectConfig", "EvalConfig", "Store", "TaskEvalConfig", "__version__", "collect", "compute_curves",
+           "critical_sparsity", "evaluate", "evaluate_tasks"]
 
 
 def collect(cfg, store, **kwargs):
@@ -32,6 +34,8 @@ _LAZY = {
     "critical_sparsity": "actsparse.analyze.curves",
     "evaluate": "actsparse.analyze.evaluate",
     "EvalConfig": "actsparse.analyze.evaluate",
+    "evaluate_tasks": "actsparse.analyze.tasks",
+    "TaskEvalConfig": "actsparse.analyze.tasks",
 }
 
 

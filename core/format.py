@@ -21,6 +21,7 @@ Layout (store-relative POSIX paths)::
     runs/<run_id>/token_stats/site=<site>/part-KKKKKK.parquet   TOKEN_STATS_COLUMNS of shard K
     runs/<run_id>/analysis/<prefix>-<id>.parquet                 results (RESULT_KINDS)
     runs/<run_id>/analysis/evaluate-<eval_id>/                   an evaluation's per-value parts
+    runs/<run_id>/analysis/tasks-<eval_id>/                      a task evaluation's per-run parts
     evaluations/<prefix>-<id>.parquet         evaluations of models or corpora never collected (no run)
 
 Dense values are stored as ``uint16`` holding bfloat16 bit patterns (array attribute ``logical_dtype``),
@@ -237,12 +238,34 @@ def value_part(value: float) -> str:
     return f"value-{float(value)!r}.parquet"
 
 
+def task_parts(eval_id: str) -> str:
+    """Directory (relative to the result base) of a task evaluation's per-run parts and its ``config.json``."""
+    return f"tasks-{check_id(eval_id, 'task evaluation')}"
+
+
+def task_part(task: str, value: float | None) -> str:
+    """File name of one lm-eval task run inside :func:`task_parts`: ``dense-<t>.parquet`` for the dense
+    reference, ``value-<v>-<t>.parquet`` for grid value v, where ``<t>`` is ``content_hash(task)`` (task names
+    are user text, never a path component)."""
+    t = content_hash(str(task))
+    return f"dense-{t}.parquet" if value is None else f"value-{float(value)!r}-{t}.parquet"
+
+
 EVALUATION_CONFIG = "config.json"
 # The per-window sums of one grid value (value_part): what an evaluation resumes from.
 EVALUATION_VALUE_COLUMNS = (
     ("value", "DOUBLE"), ("window", "BIGINT"), ("n_pred", "BIGINT"), ("n_valid", "BIGINT"), ("nll_sparse", "DOUBLE"),
     ("nll_dense", "DOUBLE"), ("correct_sparse", "BIGINT"), ("correct_dense", "BIGINT"), ("kl", "DOUBLE"),
     ("hook_sparse", "BIGINT[]"), ("hook_rows", "BIGINT[]"),
+)
+
+# The per-example rows of one lm-eval task run (task_part): what a task evaluation resumes from. value is
+# null for the dense reference; the run-level columns (metric .. generated_tokens) repeat on every row.
+TASK_PART_COLUMNS = (
+    ("task", "VARCHAR"), ("value", "DOUBLE"), ("doc_id", "BIGINT"), ("score", "DOUBLE"), ("response", "VARCHAR"),
+    ("metric", "VARCHAR"), ("aggregate", "DOUBLE"), ("n_shot", "BIGINT"), ("seconds", "DOUBLE"),
+    ("fingerprint", "VARCHAR"), ("zeroed_prefill", "BIGINT[]"), ("positions_prefill", "BIGINT"),
+    ("zeroed_generation", "BIGINT[]"), ("positions_generation", "BIGINT"), ("generated_tokens", "BIGINT"),
 )
 
 _MEMBER_RE = re.compile(
@@ -259,6 +282,7 @@ def is_archive_member(rel: str) -> bool:
 def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
     """Every file a store may hold: ``(store-relative path pattern, what it is, its columns if a table)``."""
     rid, hexid, part = r"[0-9a-f]{16}", r"[0-9a-f]{16}", r"part-\d{6}\.parquet"
+    task_run = rf"(dense|value-[0-9.e+-]+)-{hexid}\.parquet"
     run, model = rf"{RUNS}/{rid}", rf"{MODELS}/{hexid}"
     groups = f"({'|'.join(MOE_GROUPS)})"
     kinds: list[tuple[str, str, Columns | None]] = [
@@ -282,6 +306,10 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
         (rf"{EVALUATIONS}/evaluate-{hexid}/{re.escape(EVALUATION_CONFIG)}", "evaluation config", None),
         (rf"{EVALUATIONS}/evaluate-{hexid}/value-[0-9.e+-]+\.parquet", "evaluation value part",
          EVALUATION_VALUE_COLUMNS),
+        (rf"{run}/{ANALYSIS}/tasks-{hexid}/{re.escape(EVALUATION_CONFIG)}", "task evaluation config", None),
+        (rf"{run}/{ANALYSIS}/tasks-{hexid}/{task_run}", "task run part", TASK_PART_COLUMNS),
+        (rf"{EVALUATIONS}/tasks-{hexid}/{re.escape(EVALUATION_CONFIG)}", "task evaluation config", None),
+        (rf"{EVALUATIONS}/tasks-{hexid}/{task_run}", "task run part", TASK_PART_COLUMNS),
         (rf"{model}/{re.escape(CHECKSUMS)}", "weights checksums", None),
         (rf"{model}/{re.escape(WEIGHTS)}/{re.escape(ZARR_META)}", "weights group", None),
         (rf"{model}/{re.escape(WEIGHTS)}/[a-z_]+/{re.escape(ZARR_META)}", "weights array metadata", None),
@@ -373,7 +401,7 @@ THRESHOLD_COLUMNS = ("frac_below_1e_3", "frac_below_1e_2", "frac_below_1e_1")
 STAT_COLUMNS = ("l1", "l2", "max_abs", "top1_share", *THRESHOLD_COLUMNS, *TOPP_COLUMNS)
 STATS_ROW_GROUP = 128 * 1024  # DuckDB parallelises a scan by row group: ~8 MB per group
 
-# Columns as (name, DuckDB type); the Arrow types follow from ARROW_TYPES.
+# Columns as (name, DuckDB type); the Arrow types follow from ARROW_TYPES (``T[]``: a list of T).
 Columns = tuple[tuple[str, str], ...]
 CATALOGUE_COLUMNS: Columns = (
     ("run_id", "VARCHAR"), ("model", "VARCHAR"), ("model_name", "VARCHAR"), ("architecture", "VARCHAR"),
@@ -397,7 +425,7 @@ TOKEN_STATS_COLUMNS: Columns = (
 )
 
 ARROW_TYPES = {"VARCHAR": "string", "INTEGER": "int32", "BIGINT": "int64", "FLOAT": "float32",
-               "DOUBLE": "float64", "BOOLEAN": "bool_", "VARCHAR[]": "list<string>"}
+               "DOUBLE": "float64", "BOOLEAN": "bool_"}
 
 
 def arrow_schema(columns: Columns):
@@ -405,7 +433,7 @@ def arrow_schema(columns: Columns):
     import pyarrow as pa
 
     def typ(t: str):
-        return pa.list_(pa.string()) if t == "VARCHAR[]" else getattr(pa, ARROW_TYPES[t])()
+        return pa.list_(typ(t[:-2])) if t.endswith("[]") else getattr(pa, ARROW_TYPES[t])()
 
     return pa.schema([(name, typ(t)) for name, t in columns])
 
@@ -494,12 +522,37 @@ RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
         ("n_positions", "BIGINT"), ("rows", "BIGINT"), ("load", "DOUBLE"), ("sparsity", "DOUBLE")),
         "actsparse evaluate", store_level=True),
 )}
+# lm-eval task evaluations (actsparse.analyze.tasks): the same leading columns, then the task's.
+_TASK_META: Columns = (
+    ("run_id", "VARCHAR"), ("eval_id", "VARCHAR"), ("model", "VARCHAR"), ("target", "VARCHAR"), ("rule", "VARCHAR"),
+    ("power", "DOUBLE"), ("count_mode", "VARCHAR"),
+)
+RESULT_KINDS.update({k.name: k for k in (
+    ResultKind("task_evaluations", "tasks", (
+        *_TASK_META, ("task", "VARCHAR"), ("metric", "VARCHAR"), ("value", "DOUBLE"), ("n_examples", "BIGINT"),
+        ("n_shot", "BIGINT"), ("acc", "DOUBLE"), ("dense_acc", "DOUBLE"), ("acc_ratio", "DOUBLE"),
+        ("acc_ratio_lo", "DOUBLE"), ("acc_ratio_hi", "DOUBLE"), ("sparsity", "DOUBLE"), ("sparsity_prefill", "DOUBLE"),
+        ("sparsity_generation", "DOUBLE"), ("positions_prefill", "BIGINT"), ("positions_generation", "BIGINT"),
+        ("generated_tokens", "BIGINT"), ("seconds", "DOUBLE"), ("label", "VARCHAR")),
+        "actsparse evaluate --tasks", store_level=True),
+    ResultKind("task_examples", "tasks_examples", (
+        *_TASK_META, ("task", "VARCHAR"), ("metric", "VARCHAR"), ("value", "DOUBLE"), ("doc_id", "BIGINT"),
+        ("score", "DOUBLE"), ("dense_score", "DOUBLE")), "actsparse evaluate --tasks", store_level=True),
+    ResultKind("task_critical", "tasks_critical", (
+        *_TASK_META, ("task", "VARCHAR"), ("metric", "VARCHAR"), ("phase", "VARCHAR"), ("threshold", "DOUBLE"),
+        ("critical_sparsity_grid", "DOUBLE"), ("critical_value_grid", "DOUBLE"), ("critical_sparsity_interp", "DOUBLE"),
+        ("critical_lo", "DOUBLE"), ("critical_hi", "DOUBLE"), ("boot_undefined", "DOUBLE"), ("dense_acc", "DOUBLE"),
+        ("n_values", "BIGINT"), ("n_examples", "BIGINT"), ("n_boot", "BIGINT"), ("label", "VARCHAR")),
+        "actsparse evaluate --tasks", store_level=True),
+)})
 CURVES, CRITICAL = RESULT_KINDS["curves"], RESULT_KINDS["critical_sparsity"]
 EVALUATION, EVALUATION_LAYERS = RESULT_KINDS["evaluations"], RESULT_KINDS["evaluation_layers"]
 EVALUATION_CRITICAL = RESULT_KINDS["evaluation_critical"]
 EFFECTIVE_RANK = RESULT_KINDS["effective_rank"]
 BATCH_UNION, NM_SPARSITY, NEURONS = RESULT_KINDS["batch_union"], RESULT_KINDS["nm_sparsity"], RESULT_KINDS["neurons"]
 EXPERT_CURVES, EVALUATION_EXPERTS = RESULT_KINDS["expert_curves"], RESULT_KINDS["evaluation_experts"]
+TASK_EVALUATION, TASK_EXAMPLES = RESULT_KINDS["task_evaluations"], RESULT_KINDS["task_examples"]
+TASK_CRITICAL = RESULT_KINDS["task_critical"]
 
 _PATH_KINDS = _path_kinds()
 

@@ -173,3 +173,17 @@ def store_diff(a: Path, b: Path) -> list[str]:
         elif (a / rel).read_bytes() != (b / rel).read_bytes():
             out.append(f"{rel}: bytes differ")
     return out
+
+
+def write_task(directory: Path, name: str, docs: list[dict], body: str) -> Path:
+    """An lm-eval task YAML ``name`` over ``docs`` (a jsonl file beside it, the ``test`` split) with the given YAML
+    ``body`` lines (output type, prompts, metrics); returns the YAML's path."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    path = directory / f"{name}.yaml"
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+                    f"test_split: test\n{body}")
+    return path

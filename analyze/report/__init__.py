@@ -15,6 +15,9 @@ What it shows (the paper's kinds of figures, docs/paper-notes.md §5):
 * closed-loop (``actsparse.analyze.evaluate``: every layer sparsified at once in a real forward pass on the
   held-out split), where evaluations are stored with a run: the top-1 accuracy ratio against realized
   sparsity, and critical sparsity with its bootstrap interval beside the open-loop one;
+* downstream tasks (``actsparse.analyze.tasks``: lm-eval task evaluations stored with a run): the task accuracy
+  ratio against realized sparsity per task and target, and critical sparsity per task and the task average
+  beside the open-loop and next-token figures (``report.tasks``);
 * activations: the distribution of |a| per layer and site, and sparsity against the position in the
   window (from the per-token statistics of ``actsparse.analyze.token_stats``, or a bounded sample);
 * across runs, where stored: effective rank against relative depth beside critical sparsity (``actsparse
@@ -56,6 +59,7 @@ from actsparse.analyze.report.figures import (
 )
 from actsparse.analyze.report.page import page
 from actsparse.analyze.report.scaling import fig_effective_rank, fig_size_scaling
+from actsparse.analyze.report.tasks import fig_task_accuracy, fig_task_critical, task_evaluations, task_table
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_text
 from actsparse.core.progress import ProgressFactory
@@ -132,6 +136,7 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
         data.append(RunData(run, label, matplotlib.colors.to_hex(color), curves, summary, critical,
                             experts=report_experts(st, run.run_id)))
 
+    task_data = [task_evaluations(st, rd.run.run_id) for rd in data]
     with_curves = [rd for rd in data if rd.targets]
     open_crit = (critical_sparsity(pl.concat([rd.curves for rd in with_curves], how="diagonal_relaxed"),
                                    DEFAULT_TOLERANCE) if with_curves else pl.DataFrame())
@@ -149,6 +154,10 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
                 fig_expert_load(figs, rd)
         if any(rd.closed.height for rd in data):
             fig_closed(figs, data)
+        for rd, td in zip(data, task_data):
+            if td.summary.height:
+                fig_task_accuracy(figs, rd, td)
+                fig_task_critical(figs, rd, td, open_crit)
         fig_effective_rank(figs, st, data, open_crit)
         fig_size_scaling(figs, data, open_crit)
         for rd in data:
@@ -158,7 +167,9 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
             fig_position(figs, st, rd, tokens)
         if open_crit.height:
             open_crit.write_csv(out / "critical-sparsity.csv")
-        atomic_write_text(out / "index.html", page(st.url, data, figs.saved, open_crit, DEFAULT_TOLERANCE))
+        tasks_html = task_table(data, task_data, open_crit) if any(td.summary.height for td in task_data) else ""
+        atomic_write_text(out / "index.html", page(st.url, data, figs.saved, open_crit, DEFAULT_TOLERANCE,
+                                                   tasks_html=tasks_html))
     except OSError as e:
         raise ActsparseError(f"cannot write the report into {out}: {e.strerror or e}") from None
     log(f"report: {len(figs.saved)} figures (PNG and SVG) in {out}")

@@ -104,7 +104,10 @@ def _provenance(rd: RunData) -> str:
     return f'<h3 id="run-{rd.run.run_id}">{_e(rd.label)}</h3><table>{body}</table>'
 
 
-def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tolerance: float) -> str:
+def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tolerance: float, *,
+         tasks_html: str = "") -> str:
+    """The page; ``tasks_html``: the downstream-task table (``report.tasks.task_table``), its section left out
+    when empty."""
     from actsparse.core import __version__
 
     by_stem = {f.stem: f for f in figs}
@@ -142,6 +145,8 @@ def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tol
         *(['<h2><span class="tag open">open-loop</span>Mixture of experts</h2>', per_run("fig-expert-sparsity"),
             per_run("fig-expert-load")] if any(rd.experts is not None for rd in data) else []),
         '<h2><span class="tag closed">closed-loop</span>Evaluation</h2>', closed,
+        *(['<h2><span class="tag closed">closed-loop</span>Downstream tasks (lm-eval)</h2>', tasks_html,
+           per_run("fig-task-accuracy"), per_run("fig-task-critical")] if tasks_html else []),
         "<h2>Across runs</h2>" if ("fig-effective-rank" in by_stem or "fig-size-scaling" in by_stem) else "",
         fig("fig-effective-rank"), fig("fig-size-scaling"),
         "<h2>Activations</h2>", per_run("fig-magnitudes"), per_run("fig-position"),

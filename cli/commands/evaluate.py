@@ -1,6 +1,7 @@
 """CLI commands for closed-loop evaluation: ``evaluate`` (sparsified re-runs) and ``proxy`` (open vs closed loop).
 
-See :mod:`actsparse.analyze.evaluate` for the protocol, the metrics and where results are stored.
+See :mod:`actsparse.analyze.evaluate` for the protocol, the metrics and where results are stored, and
+:mod:`actsparse.analyze.tasks` for ``evaluate --tasks`` (lm-eval task accuracy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ SUMMARY_COLUMNS = ["value", "sparsity", "nll", "ppl", "top1_acc", "kl", "acc_rat
                    "dnll", "dnll_lo", "dnll_hi"]
 CRITICAL_COLUMNS = ["target", "criterion", "critical_sparsity_grid", "critical_value_grid", "critical_sparsity_interp",
                     "critical_lo", "critical_hi"]
+TASK_COLUMNS = ["task", "value", "n_examples", "acc", "dense_acc", "acc_ratio", "acc_ratio_lo", "acc_ratio_hi",
+                "sparsity", "sparsity_prefill", "sparsity_generation"]
+TASK_CRITICAL_COLUMNS = ["target", "task", "metric", "critical_sparsity_grid", "critical_value_grid",
+                         "critical_sparsity_interp", "critical_lo", "critical_hi", "dense_acc", "n_examples"]
 PROXY_COLUMNS = ["target", "rule", "eval_id", "n_values", "closed_critical", "closed_lo", "closed_hi",
                  "closed_critical_nll", "open_critical", "tolerance", "spearman_err_dnll", "spearman_err_kl",
                  "sparsity_gap"]
@@ -55,6 +60,17 @@ def evaluate(
                                                       "allocation (its model-level sparsity)"),
     include_special: bool = typer.Option(False, help="count BOS/special tokens' sparsity, as the paper's harness "
                                                      "does (excluded by default)"),
+    # lm-eval tasks instead of next-token metrics on the held-out split (actsparse.analyze.tasks)
+    tasks: str | None = typer.Option(None, "--tasks", help="lm-eval task or tag names, task YAML files or directories "
+                                                          "(comma-separated): task accuracy instead of next-token "
+                                                          "metrics; shipped: actsparse_wiki"),
+    include_path: list[Path] | None = typer.Option(None, "--include-path", metavar="DIR",
+                                                   help="--tasks: a directory of task YAMLs (repeatable)"),
+    limit: float | None = typer.Option(None, help="--tasks: examples per task (or a fraction < 1)"),
+    num_fewshot: int | None = typer.Option(None, help="--tasks: few-shot examples per prompt (default: the task's)"),
+    count_mode: str = typer.Option("real", help="--tasks: positions counted for sparsity: real (not padding, not "
+                                                "special) | authors (the authors' harness)"),
+    metric: str | None = typer.Option(None, help="--tasks: accuracy metric (default: acc, else the task's first)"),
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -78,6 +94,14 @@ def evaluate(
         if grid:
             raise ActsparseError("--allocation sets the grid (one value per allocation); drop --grid")
         targets, rule = [alloc["target"]], alloc["rule"]
+    if tasks is not None:
+        if corpus is not None or text_field is not None:
+            raise ActsparseError("--tasks brings its own data: leave out --corpus and --text-field")
+        if allocation is not None:
+            raise ActsparseError("--allocation applies to next-token evaluation, not to --tasks")
+        _evaluate_tasks(tasks, include_path or [], model, store, run, targets, rule, values, power, count_mode, limit,
+                        num_fewshot, batch_size, metric, compute_dtype, trust_remote_code, boot, quiet)
+        return
     configs = [EvalConfig(model=model, corpus=corpus, target=t, rule=rule, grid=values, power=power,
                           max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, compute_dtype=compute_dtype,
                           text_field=text_field, trust_remote_code=trust_remote_code, include_special=include_special,
@@ -105,6 +129,31 @@ def evaluate(
             err.print(f"proxy check skipped: {e}", highlight=False, markup=False)
             return
         _print(pl.concat(rows, how="diagonal_relaxed"), PROXY_COLUMNS, "open-loop (offline) vs closed-loop")
+
+
+def _evaluate_tasks(tasks: str, include_paths: list[Path], model, store, run, targets, rule: str, values, power: float,
+                    count_mode: str, limit: float | None, num_fewshot: int | None, batch_size: int, metric: str | None,
+                    compute_dtype: str, trust_remote_code: bool, boot: int, quiet: bool) -> None:
+    """``evaluate --tasks``: lm-eval tasks dense and per grid value, per target; task critical sparsity."""
+    import polars as pl
+
+    from actsparse.analyze.tasks import TaskEvalConfig, evaluate_tasks
+
+    configs = [TaskEvalConfig(model=model, target=t, rule=rule, grid=values, power=power, count_mode=count_mode,
+                              limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, metric=metric,
+                              compute_dtype=compute_dtype, trust_remote_code=trust_remote_code) for t in targets]
+    if not configs:
+        raise ActsparseError("--target is empty")
+    for cfg in configs:  # every bad setting fails before lm-eval or the model is loaded
+        cfg.validate()
+    results = []
+    for cfg in configs:
+        results.append(evaluate_tasks(cfg, tasks, store, run, include_paths=include_paths, n_boot=boot,
+                                      log=(lambda m: None) if quiet else say))
+        _print(results[-1].summary, TASK_COLUMNS, f"lm-eval tasks: {cfg.target}, {cfg.rule} (eval "
+                                                  f"{results[-1].eval_id}, count mode {cfg.count_mode})")
+    _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), TASK_CRITICAL_COLUMNS,
+           "task critical sparsity (accuracy ratio >= 0.99; 95% bootstrap interval over examples)")
 
 
 def proxy(
