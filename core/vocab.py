@@ -13,3 +13,15 @@ projection, the down projection's input, and every linear layer's input."""
 
 RULES: tuple[str, ...] = ("top-p", "top-k", "max-p", "threshold")
 """Sparsification rules (``analyze.rules``)."""
+
+FLAT_TOPP: str = "top-p-flat"
+"""The authors' diffusion top-p (docs/paper-notes.md §1.7): one budget per sample over its flattened
+[tokens, width] tensor, kept mass <= p (``analyze.rules.flat_topp_mask``)."""
+
+STEP_RULES: tuple[str, ...] = (*RULES, FLAT_TOPP)
+"""Rules of the per-step analysis of generation and diffusion runs (``analyze.steps``)."""
+
+PHASES: tuple[str, ...] = ("prefill", "generation", "denoising")
+"""What a stored token row was fed by (docs/paper-notes.md §1.4, §1.7): the prompt's forward pass, a one-token
+forward of autoregressive generation (KV cache), or a denoising step of a diffusion LM. Runs of plain text are
+all prefill."""
