@@ -37,14 +37,17 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from actsparse.analyze.flat_topp import check_flat_value, flat_topp_mask
 from actsparse.analyze.rules import RULES, check_block, check_rule_value, magnitude, rule_mask, topp_mask
 from actsparse.core.errors import ActsparseError
-from actsparse.core.vocab import TARGETS
+from actsparse.core.vocab import FLAT_TOPP, TARGETS
 from actsparse.pipeline.sites import FFNArchitecture
 
 # The threshold rule needs a per-layer calibrated tau (analyze.curves calibrates one per layer on the
 # stored activations); one absolute tau for every layer is not the rule the paper or TEAL evaluates.
 CLOSED_LOOP_RULES = ("top-p", "top-k", "max-p")
+# Diffusion LMs also take the authors' flattened top-p (one budget per sample: each row of the hooked tensor).
+DIFFUSION_RULES = (*CLOSED_LOOP_RULES, FLAT_TOPP)
 
 # Non-negative floats order like their bit patterns read as signed integers of the same width, so an
 # integer sort of |a| gives exactly the values torch.sort gives (NaN rows are handled separately).
@@ -132,9 +135,15 @@ def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0)
     """Keep mask of ``rule`` at ``value`` and the kept entries per token, for a block a [..., width].
 
     Returns bool of a's shape (identical to ``analyze.rules.rule_mask``; top-p as
-    :func:`topp_mask_fast`) and int64 of a's shape without the width.
+    :func:`topp_mask_fast`; ``top-p-flat`` as ``analyze.flat_topp.flat_topp_mask``, a sample per index of the
+    leading dimension) and int64 of a's shape without the width.
     """
     check_block(a)
+    if rule == FLAT_TOPP:
+        if power != 1.0:
+            raise ActsparseError(f"power applies only to the top-p rule, not {FLAT_TOPP}")
+        keep = flat_topp_mask(a if a.ndim > 2 else a[None], value).reshape(a.shape)
+        return keep, keep.sum(dim=-1)
     check_rule_value(rule, value, power)
     if rule == "top-p" and a.device.type == "cpu" and a.dtype in _INT_VIEW:
         return _topp_keep_count(a, value, power)
@@ -142,17 +151,24 @@ def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0)
     return keep, keep.sum(dim=-1)
 
 
-def check_closed_loop(target: str, rule: str, values, power: float = 1.0) -> None:
-    """Raise ActsparseError for an unknown target, a rule not usable in closed loop or a bad value."""
+def check_closed_loop(target: str, rule: str, values, power: float = 1.0,
+                      rules: tuple[str, ...] = CLOSED_LOOP_RULES) -> None:
+    """Raise ActsparseError for an unknown target, a rule not among ``rules`` (those usable in closed loop) or a
+    bad value."""
     if target not in TARGETS:
         raise ActsparseError(f"unknown target '{target}' (choose {', '.join(TARGETS)})")
-    if rule not in CLOSED_LOOP_RULES:
+    if rule not in rules:
         if rule in RULES:
             raise ActsparseError(f"rule '{rule}' needs a per-layer calibrated tau and is not supported in closed "
-                                 f"loop (choose {', '.join(CLOSED_LOOP_RULES)})")
-        raise ActsparseError(f"unknown rule '{rule}' (choose {', '.join(CLOSED_LOOP_RULES)})")
+                                 f"loop (choose {', '.join(rules)})")
+        raise ActsparseError(f"unknown rule '{rule}' (choose {', '.join(rules)})")
     for v in values:
-        check_rule_value(rule, v, power)
+        if rule == FLAT_TOPP:
+            check_flat_value(v)
+            if power != 1.0:
+                raise ActsparseError(f"power applies only to the top-p rule, not {FLAT_TOPP}")
+        else:
+            check_rule_value(rule, v, power)
 
 
 @dataclass(frozen=True)
@@ -188,12 +204,15 @@ class Sparsifier:
     :attr:`points` order. Every hook point must fire exactly once per batch (P11: hooks registered
     after ``torch.compile`` are skipped silently), else ``end_batch`` raises. Hooks are removed on exit.
 
+    ``rules``: the rules accepted (``DIFFUSION_RULES`` adds the flattened top-p for diffusion LMs).
+
     Raises:
         ActsparseError: unknown target or rule, a value out of range, ``up`` on a non-GLU FFN.
     """
 
-    def __init__(self, arch: FFNArchitecture, target: str, rule: str, value: float, *, power: float = 1.0) -> None:
-        check_closed_loop(target, rule, (value,), power)
+    def __init__(self, arch: FFNArchitecture, target: str, rule: str, value: float, *, power: float = 1.0,
+                 rules: tuple[str, ...] = CLOSED_LOOP_RULES) -> None:
+        check_closed_loop(target, rule, (value,), power, rules)
         self.arch, self.target, self.rule, self.value, self.power = arch, target, rule, float(value), float(power)
         self.points = hook_points(arch, target)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

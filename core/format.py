@@ -427,10 +427,9 @@ RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
     ResultKind("diffusion_evaluations", "evaluate_diffusion", (
         *_EVAL_META, ("value", "DOUBLE"), ("step", "BIGINT"), ("block", "BIGINT"), ("n_prompts", "BIGINT"),
         ("n_positions", "BIGINT"), ("n_boot", "BIGINT"), ("sparsity", "DOUBLE"), ("sparsity_lo", "DOUBLE"),
-        ("sparsity_hi", "DOUBLE"), ("n_noised", "BIGINT"), ("sparsity_noised", "DOUBLE"),
-        ("token_agreement", "DOUBLE"), ("token_agreement_lo", "DOUBLE"), ("token_agreement_hi", "DOUBLE"),
-        ("exact_match", "DOUBLE"), ("exact_match_lo", "DOUBLE"), ("exact_match_hi", "DOUBLE"), ("label", "VARCHAR")),
-        "actsparse evaluate --diffusion", store_level=True),
+        ("sparsity_hi", "DOUBLE"), ("token_agreement", "DOUBLE"), ("token_agreement_lo", "DOUBLE"),
+        ("token_agreement_hi", "DOUBLE"), ("exact_match", "DOUBLE"), ("exact_match_lo", "DOUBLE"),
+        ("exact_match_hi", "DOUBLE"), ("label", "VARCHAR")), "actsparse evaluate --diffusion", store_level=True),
 )}
 CURVES, CRITICAL = RESULT_KINDS["curves"], RESULT_KINDS["critical_sparsity"]
 EVALUATION, EVALUATION_LAYERS = RESULT_KINDS["evaluations"], RESULT_KINDS["evaluation_layers"]

@@ -75,9 +75,9 @@ class DiffusionSpec:
 class RowSink(Protocol):
     """Where a decoder announces each forward pass (``pipeline.stepwise.StepStream``)."""
 
-    def begin(self, keep: torch.Tensor, rows: dict[str, np.ndarray]) -> None:
-        """Before a forward: the flat indices into ``[rows * positions]`` of the rows to store (int64 [n]) and
-        their token columns (each [n])."""
+    def begin(self, keep: torch.Tensor, rows: dict[str, np.ndarray], shape: tuple[int, int]) -> None:
+        """Before a forward: the flat indices into its ``shape`` ``(rows, positions)`` of the rows to store
+        (int64 [n]) and their token columns (each [n])."""
 
     def end(self) -> None:
         """After the forward."""
@@ -100,8 +100,10 @@ class Decoder(Protocol):
     def describe(self) -> dict:
         """What the manifest records about the decoding (stop ids, mask id, ...)."""
 
-    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> None:
-        """Run batch number ``batch`` (its ``windows``), announcing every forward pass to ``sink``."""
+    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> list[list[int]]:
+        """Run batch number ``batch`` (its ``windows``), announcing every forward pass to ``sink``; returns the
+        tokens generated after each window (generation: up to and including its first stop token; diffusion:
+        the whole answer)."""
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -170,7 +172,7 @@ class GenerationDecoder:
                     layout="per batch of prompts, forward by forward: the prefill's prompt tokens, then one row per "
                            "sequence still generating at each step; rows in batch order, positions ascending")
 
-    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> None:
+    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> list[list[int]]:
         from actsparse.pipeline.generate import generate
 
         docs = _document_ids(windows)
@@ -183,11 +185,14 @@ class GenerationDecoder:
                 info.token_ids.reshape(-1)[keep].numpy(), sequence=seq,
                 position=info.positions.reshape(-1)[keep].numpy(),
                 document_id=np.array([docs[int(s)] for s in seq], dtype=np.int64),
-                phase=np.full(n, info.phase, dtype=object), step=np.full(n, info.step, dtype=np.int64)))
+                phase=np.full(n, info.phase, dtype=object), step=np.full(n, info.step, dtype=np.int64)),
+                tuple(info.valid.shape))
 
-        generate(model, [w.token_ids.tolist() for w in windows], self.spec.max_new_tokens, stop_token_ids=self.stop_ids,
-                 pad_token_id=self.pad, sampling=self.spec.sampling, row_ids=[w.sequence for w in windows],
-                 before_forward=before, after_forward=lambda info: sink.end())
+        gen = generate(model, [w.token_ids.tolist() for w in windows], self.spec.max_new_tokens,
+                       stop_token_ids=self.stop_ids, pad_token_id=self.pad, sampling=self.spec.sampling,
+                       row_ids=[w.sequence for w in windows], before_forward=before,
+                       after_forward=lambda info: sink.end())
+        return [gen.continuation(i) for i in range(len(windows))]
 
 
 def _as_ids(value) -> list[int]:
@@ -197,9 +202,9 @@ def _as_ids(value) -> list[int]:
 
 
 def _diffusion_rows(texts: _Texts, info: DiffusionStep, valid: torch.Tensor, positions: torch.Tensor,
-                    windows: Sequence[Window]) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """Flat indices and token columns of the stored rows of one denoising step: ``valid`` bool [rows, T] (real
-    positions), ``positions`` int64 [rows, T] (in each row's own sequence)."""
+                    windows: Sequence[Window]) -> tuple[torch.Tensor, dict[str, np.ndarray], tuple[int, int]]:
+    """Flat indices, token columns and shape ``(rows, T)`` of the stored rows of one denoising step: ``valid`` bool
+    [rows, T] (real positions), ``positions`` int64 [rows, T] (in each row's own sequence)."""
     flat = valid.reshape(-1)
     keep = flat.nonzero().squeeze(1)
     rows_t = valid.shape[1]
@@ -215,7 +220,7 @@ def _diffusion_rows(texts: _Texts, info: DiffusionStep, valid: torch.Tensor, pos
                       block=np.full(len(keep), info.block, dtype=np.int64), noised=noised,
                       cfg_half=expand["cfg_half"].astype(np.int64), active=expand["active"].astype(bool))
     rows["special"] &= ~noised  # mask tokens and noise are the sampler's state, flagged by `noised`
-    return keep, rows
+    return keep, rows, tuple(valid.shape)
 
 
 class MaskedDiffusionDecoder:
@@ -248,7 +253,7 @@ class MaskedDiffusionDecoder:
                     layout="per batch of prompts, step by step: every real position (prompt and answer) of every "
                            "row, the unconditional half of classifier-free guidance after the conditional one")
 
-    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> None:
+    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> list[list[int]]:
         import dataclasses
 
         from actsparse.pipeline.diffusion.masked import masked_diffusion_generate
@@ -262,8 +267,9 @@ class MaskedDiffusionDecoder:
             valid = full[info.sample]
             sink.begin(*_diffusion_rows(self.texts, info, valid, valid.long().cumsum(dim=1) - 1, windows))
 
-        masked_diffusion_generate(model, ids, cfg, attention_mask=None if bool(attn.all()) else attn,
-                                  before_step=before, after_step=lambda info: sink.end())
+        res = masked_diffusion_generate(model, ids, cfg, attention_mask=None if bool(attn.all()) else attn,
+                                        before_step=before, after_step=lambda info: sink.end())
+        return res.sequences[:, ids.shape[1]:].tolist()
 
 
 class BlockDiffusionDecoder:
@@ -304,7 +310,7 @@ class BlockDiffusionDecoder:
                     layout="per batch of prompts, step by step: the canvas of every row (rows stopped or ended "
                            "flagged active = false)")
 
-    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> None:
+    def run_batch(self, model, windows: Sequence[Window], batch: int, sink: RowSink) -> list[list[int]]:
         from actsparse.pipeline.diffusion.block import block_diffusion_generate
 
         ids, attn = left_pad([w.token_ids.tolist() for w in windows], self.pad)
@@ -317,9 +323,10 @@ class BlockDiffusionDecoder:
             sink.begin(*_diffusion_rows(self.texts, info, valid, positions, windows))
 
         kwargs = {} if bool(attn.all()) else {"attention_mask": attn}
-        block_diffusion_generate(model, ids, seed=batch_seed(self.cfg.seed, batch), before_step=before,
-                                 after_step=lambda info: sink.end(), max_new_tokens=self.cfg.gen_length,
-                                 max_denoising_steps=self.cfg.steps // self.cfg.num_blocks, **kwargs)
+        out, _ = block_diffusion_generate(model, ids, seed=batch_seed(self.cfg.seed, batch), before_step=before,
+                                          after_step=lambda info: sink.end(), max_new_tokens=self.cfg.gen_length,
+                                          max_denoising_steps=self.cfg.steps // self.cfg.num_blocks, **kwargs)
+        return out.sequences[:, ids.shape[1]:].tolist()
 
 
 def plan_decoder(spec: GenerationSpec | DiffusionSpec, tok, mcfg, name: str) -> Decoder:

@@ -75,8 +75,9 @@ def resume_point(run_dir: Path, first_missing: int, chunk_tokens: int, batch_siz
 class StepStream:
     """The rows of successive forward passes, appended at a cursor into shard buffers (``pipeline.decoding.RowSink``).
 
-    ``begin(keep, rows)`` before a forward pass (the flat row indices of its hooked tensors to store and their
-    token columns), the recorder's hooks call :meth:`sink`, ``end()`` after the pass. Rows that fall into shards
+    ``begin(keep, rows, shape)`` before a forward pass (the flat row indices of its hooked tensors to store, their
+    token columns and the tensors' ``(rows, positions)``), the recorder's hooks call :meth:`sink`, ``end()`` after
+    the pass. Rows that fall into shards
     not ``wanted`` (complete ones) are dropped; a shard is shipped as soon as the cursor has passed its end.
     """
 
@@ -111,7 +112,7 @@ class StepStream:
                 if not self.writer.write_one():
                     return self.pool.take()
 
-    def begin(self, keep, rows: dict[str, np.ndarray]) -> None:
+    def begin(self, keep, rows: dict[str, np.ndarray], shape: tuple[int, int]) -> None:
         lo, n = self.cursor, len(keep)
         self.keep, self.n_rows, self.pending = keep, n, rows
         self.segments = []
@@ -247,9 +248,9 @@ class _CheckedSink:
     def __init__(self, stream: StepStream, rec: SiteRecorder):
         self.stream, self.rec = stream, rec
 
-    def begin(self, keep, rows) -> None:
+    def begin(self, keep, rows, shape) -> None:
         self.rec.reset_counts()
-        self.stream.begin(keep, rows)
+        self.stream.begin(keep, rows, shape)
 
     def end(self) -> None:
         self.rec.check_fired(1)
