@@ -190,7 +190,7 @@ def plan(cfg: CollectConfig) -> Plan:
                                 add_bos=cfg.add_bos))
     if not windows:
         raise ActsparseError(f"corpus {cfg.corpus} split '{cfg.split}' yields no tokens")
-    decoder = None if cfg.decoding is None else plan_decoder(cfg.decoding, tok, mcfg, resolved.spec)
+    decoder = None if cfg.decoding is None else plan_decoder(cfg.decoding, tok, mcfg, resolved.spec, cfg.seq_len)
     import torch
     import transformers
 

@@ -329,15 +329,25 @@ class BlockDiffusionDecoder:
         return out.sequences[:, ids.shape[1]:].tolist()
 
 
-def plan_decoder(spec: GenerationSpec | DiffusionSpec, tok, mcfg, name: str) -> Decoder:
-    """The decoder of a generation or diffusion run, checked against the model's config and tokenizer.
+def plan_decoder(spec: GenerationSpec | DiffusionSpec, tok, mcfg, name: str, seq_len: int) -> Decoder:
+    """The decoder of a generation or diffusion run on prompts of up to ``seq_len`` tokens, checked against the
+    model's config and tokenizer.
 
     Raises:
         ActsparseError: ``--generate`` on a diffusion LM, ``--diffusion`` on a model that is not one, a masked
             diffusion LM without a mask token, diffusion_gemma with a block length other than its canvas or with
-            options of masked diffusion.
+            options of masked diffusion, prompt and new tokens beyond the model's context.
     """
     if spec.kind == "generation":
-        return GenerationDecoder(spec, tok, mcfg, name)
-    kind = diffusion_kind(mcfg, name)
-    return (MaskedDiffusionDecoder if kind == "masked" else BlockDiffusionDecoder)(spec, tok, mcfg, name)
+        decoder, new = GenerationDecoder(spec, tok, mcfg, name), spec.max_new_tokens - 1
+    else:
+        kind = diffusion_kind(mcfg, name)
+        decoder = (MaskedDiffusionDecoder if kind == "masked" else BlockDiffusionDecoder)(spec, tok, mcfg, name)
+        new = spec.sampler.gen_length
+    text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+    ctx = next((v for v in (getattr(text, a, None) for a in ("max_position_embeddings", "n_positions",
+                                                           "max_sequence_length")) if v), None)
+    if ctx is not None and seq_len + new > ctx:
+        raise ActsparseError(f"prompts of {seq_len} tokens and {new} new ones exceed the context of {name} "
+                             f"({ctx} positions); lower --seq-len")
+    return decoder

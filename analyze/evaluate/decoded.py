@@ -179,7 +179,7 @@ def evaluate_decoded(cfg: DecodedEvalConfig, store: str | Path | None = None, ru
     corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)
     if manifest is not None:
         check_against_run(manifest, cfg.model, resolved.weights_sha256, cfg.corpus, corpus.sha256)
-    decoder = plan_decoder(cfg.decoding, tok, mcfg, resolved.spec)
+    decoder = plan_decoder(cfg.decoding, tok, mcfg, resolved.spec, cfg.seq_len)
     windows = list(iter_windows(corpus.split(SPLIT), tok, cfg.seq_len, max_tokens=cfg.max_tokens, add_bos=True))
     if not windows:
         raise ActsparseError(f"the held-out split of corpus {cfg.corpus} yields no prompts")

@@ -17,6 +17,8 @@ What it shows (the paper's kinds of figures, docs/paper-notes.md §5):
   sparsity, and critical sparsity with its bootstrap interval beside the open-loop one;
 * activations: the distribution of |a| per layer and site, and sparsity against the position in the
   window (from the per-token statistics of ``actsparse.analyze.token_stats``, or a bounded sample);
+* generation and diffusion runs (``report.steps``): prefill against generation sparsity, and sparsity and the
+  Jaccard of kept masks against the step (``actsparse.analyze.steps``, computed and cached where missing);
 * the provenance of every run, from its manifest.
 
 The curves have one fixed configuration (``REPORT_TARGETS``, ``INPUT_TOPP_GRID``); ``actsparse.analyze.curves``
@@ -42,6 +44,7 @@ from actsparse.analyze.report.figures import (
     fig_sparsity_topp,
 )
 from actsparse.analyze.report.page import page
+from actsparse.analyze.report.steps import fig_phases, fig_steps, step_analysis
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_text
 from actsparse.core.progress import ProgressFactory
@@ -112,6 +115,10 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
             special = tokens["special"].to_numpy()
             fig_magnitudes(figs, rd, special)
             fig_position(figs, st, rd, tokens)
+            if rd.run.manifest.kind == "generation":
+                fig_phases(figs, st, rd)
+            if rd.run.manifest.kind != "text" and (analysis := step_analysis(st, rd)) is not None:
+                fig_steps(figs, rd, analysis)
         if open_crit.height:
             open_crit.write_csv(out / "critical-sparsity.csv")
         atomic_write_text(out / "index.html", page(st.url, data, figs.saved, open_crit, DEFAULT_TOLERANCE))
