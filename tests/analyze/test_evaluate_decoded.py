@@ -108,3 +108,15 @@ def test_bad_settings_fail_before_any_model_load(decoding, rule, message):
     grid = () if message == "grid is empty" else (0.5,)
     with pytest.raises(ActsparseError, match=message):
         evaluate_decoded(DecodedEvalConfig(decoding, model="nope", corpus="nope", rule=rule, grid=grid), log=_quiet)
+
+
+@pytest.mark.slow
+def test_cli_evaluate_diffusion(tiny_llada_ckpt, text_corpus, tmp_path):
+    from tests.helpers import run_cli
+
+    r = run_cli("evaluate", "-m", str(tiny_llada_ckpt), "-c", str(text_corpus), "--trust-remote-code", "--diffusion",
+                "--steps", "4", "--gen-length", "8", "--block-length", "4", "--rule", "top-p-flat", "--grid", "0.7",
+                "--max-tokens", "32", "--seq-len", "16", "--boot", "20", "-s", str(tmp_path / "S"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert "closed loop on diffusion: sparsity per denoising step" in r.stdout and "| -1 " in r.stdout
+    assert len(list((tmp_path / "S" / fmt.EVALUATIONS).glob("evaluate_diffusion-*.parquet"))) == 1

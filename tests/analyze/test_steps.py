@@ -148,3 +148,18 @@ def test_bad_input(store, two_model_store):
         analyze_steps(path, ids["llada"], StepConfig(rule="top-q"))
     with pytest.raises(ActsparseError, match="--deltas must be step intervals >= 1"):
         analyze_steps(path, ids["llada"], StepConfig(deltas=(0,)))
+
+
+@pytest.mark.slow
+def test_cli_steps(store):
+    from tests.helpers import run_cli
+
+    path, ids = store
+    r = run_cli("steps", str(path), "--run", ids["llada"], "-q")
+    assert r.returncode == 0, r.stderr
+    assert "sparsity per step, intermediate / top-p-flat 0.9" in r.stdout and "| consecutive | 1" in r.stdout
+    csv = run_cli("steps", str(path), "--run", ids["llada"], "--format", "csv")
+    frame = pl.read_csv(csv.stdout.encode())
+    assert set(frame["table"].unique().to_list()) == {"step_sparsity", "step_stability"}
+    bad = run_cli("steps", str(path), "--run", ids["llada"], "--rule", "top-p-flat", "--value", "90")
+    assert bad.returncode == 2 and "error: top-p-flat value is the kept mass fraction" in bad.stderr
