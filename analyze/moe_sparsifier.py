@@ -40,6 +40,8 @@ from actsparse.pipeline.moe import DenseLayer, MoEArchitecture, MoELayer
 
 # routed_forward's site names -> hook sites (the target vocabulary: the gate target is the act output).
 _ROUTED_HOOK = {"input": "input", "act": "gate", "up": "up", "intermediate": "intermediate"}
+# One value for every expert: no per-expert calibration, no consuming-weight norms per expert.
+MOE_RULES = ("top-p", "top-k", "max-p")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class MoESparsifier(ExpertsContext):
     """
 
     def __init__(self, arch: MoEArchitecture, target: str, rule: str, value: float, *, power: float = 1.0) -> None:
-        check_closed_loop(target, rule, (value,), power)
+        check_closed_loop(target, rule, (value,), power, MOE_RULES)
         self.arch, self.target, self.rule, self.value, self.power = arch, target, rule, float(value), float(power)
         self.sites = HOOK_SITES[target]
         self.points = hook_points(arch, target)

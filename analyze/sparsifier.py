@@ -37,6 +37,7 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from actsparse.analyze.flat_topp import check_flat_value, flat_topp_mask
 from actsparse.analyze.rules import (
     check_block,
     check_rule_value,
@@ -46,13 +47,18 @@ from actsparse.analyze.rules import (
     topp_mask,
 )
 from actsparse.core.errors import ActsparseError
-from actsparse.core.vocab import CALIBRATED_RULES, RULES, TARGETS, WEIGHTED_RULES
+from actsparse.core.vocab import CALIBRATED_RULES, FLAT_TOPP, RULES, TARGETS, WEIGHTED_RULES
 from actsparse.pipeline.sites import FFNArchitecture
 
 # Every rule runs in closed loop. The calibrated ones (threshold, cett) need a tau per hook point, calibrated
 # on a run's stored activations (``analyze.evaluate`` does it when given the run); one absolute tau for every
 # layer is not the rule TEAL or the Sparsing Law evaluates.
 CLOSED_LOOP_RULES = RULES
+# The rules that take one value for every hook: generation, lm-eval tasks and diffusion have no stored run to
+# calibrate on.
+UNCALIBRATED_RULES = tuple(r for r in RULES if r not in CALIBRATED_RULES)
+# Diffusion LMs also take the authors' flattened top-p (one budget per sample: each row of the hooked tensor).
+DIFFUSION_RULES = (*UNCALIBRATED_RULES, FLAT_TOPP)
 
 # Non-negative floats order like their bit patterns read as signed integers of the same width, so an
 # integer sort of |a| gives exactly the values torch.sort gives (NaN rows are handled separately).
@@ -141,13 +147,19 @@ def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0,
     """Keep mask of ``rule`` at ``value`` and the kept entries per token, for a block a [..., width].
 
     Returns bool of a's shape (identical to ``analyze.rules.rule_mask``; top-p as
-    :func:`topp_mask_fast`) and int64 of a's shape without the width. A calibrated rule's value is its tau
-    (applied as ``threshold``); the WINA rules need ``norms`` [width].
+    :func:`topp_mask_fast`; ``top-p-flat`` as ``analyze.flat_topp.flat_topp_mask``, a sample per index of the
+    leading dimension) and int64 of a's shape without the width. A calibrated rule's value is its tau (applied as
+    ``threshold``); the WINA rules need ``norms`` [width].
     """
     check_block(a)
     if rule in CALIBRATED_RULES:
         check_rule_value("threshold", value)
         keep = threshold_mask(a, value)
+        return keep, keep.sum(dim=-1)
+    if rule == FLAT_TOPP:
+        if power != 1.0:
+            raise ActsparseError(f"power applies only to the top-p rule, not {FLAT_TOPP}")
+        keep = flat_topp_mask(a if a.ndim > 2 else a[None], value).reshape(a.shape)
         return keep, keep.sum(dim=-1)
     check_rule_value(rule, value, power)
     if rule == "top-p" and a.device.type == "cpu" and a.dtype in _INT_VIEW:
@@ -156,17 +168,26 @@ def keep_and_count(rule: str, a: torch.Tensor, value: float, power: float = 1.0,
     return keep, keep.sum(dim=-1)
 
 
-def check_closed_loop(target: str, rule: str, values, power: float = 1.0) -> None:
-    """Raise ActsparseError for an unknown target or rule, or a bad value (a calibrated rule's values are
-    its targets: sparsities for threshold, relative errors for cett, each in [0, 1])."""
+def check_closed_loop(target: str, rule: str, values, power: float = 1.0,
+                      rules: tuple[str, ...] = CLOSED_LOOP_RULES) -> None:
+    """Raise ActsparseError for an unknown target, a rule not among ``rules`` (those usable where it is applied)
+    or a bad value (a calibrated rule's values are its targets: sparsities for threshold, relative errors for
+    cett, each in [0, 1])."""
     if target not in TARGETS:
         raise ActsparseError(f"unknown target '{target}' (choose {', '.join(TARGETS)})")
-    if rule not in CLOSED_LOOP_RULES:
-        raise ActsparseError(f"unknown rule '{rule}' (choose {', '.join(CLOSED_LOOP_RULES)})")
+    if rule not in rules:
+        if rule in CALIBRATED_RULES:
+            raise ActsparseError(f"rule '{rule}' needs a per-layer tau calibrated on a stored run and is not "
+                                 f"supported here (choose {', '.join(rules)})")
+        raise ActsparseError(f"unknown rule '{rule}' (choose {', '.join(rules)})")
     for v in values:
         if rule in CALIBRATED_RULES:
             check_rule_value("cett", v)  # a target in [0, 1]
             check_rule_value("top-p", 0.0, power)  # power only for top-p
+        elif rule == FLAT_TOPP:
+            check_flat_value(v)
+            if power != 1.0:
+                raise ActsparseError(f"power applies only to the top-p rule, not {FLAT_TOPP}")
         else:
             check_rule_value(rule, v, power)
 
@@ -210,11 +231,14 @@ class Sparsifier:
     :attr:`points` order. Every hook point must fire exactly once per batch (P11: hooks registered
     after ``torch.compile`` are skipped silently), else ``end_batch`` raises. Hooks are removed on exit.
 
+    ``rules``: the rules accepted (``DIFFUSION_RULES`` adds the flattened top-p for diffusion LMs).
+
     Raises:
         ActsparseError: unknown target or rule, a value out of range, ``up`` on a non-GLU FFN.
     """
 
-    def __init__(self, arch: FFNArchitecture, target: str, rule: str, value, *, power: float = 1.0) -> None:
+    def __init__(self, arch: FFNArchitecture, target: str, rule: str, value, *, power: float = 1.0,
+                 rules: tuple[str, ...] = CLOSED_LOOP_RULES) -> None:
         self.points = hook_points(arch, target)
         if isinstance(value, int | float):
             if rule in CALIBRATED_RULES:
@@ -227,11 +251,11 @@ class Sparsifier:
                 raise ActsparseError(f"{len(values)} rule values for {len(self.points)} hook points of target "
                                      f"{target}")
         if rule in CALIBRATED_RULES:
-            check_closed_loop(target, rule, (), power)
+            check_closed_loop(target, rule, (), power, rules)
             for v in values:
                 check_rule_value("threshold", v)
         else:
-            check_closed_loop(target, rule, values, power)
+            check_closed_loop(target, rule, values, power, rules)
         self.arch, self.target, self.rule, self.power = arch, target, rule, float(power)
         self.values = values
         self.value = values[0] if len(set(values)) == 1 else None  # one value for all hooks, else None

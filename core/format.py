@@ -297,7 +297,7 @@ def _path_kinds() -> list[tuple[re.Pattern, str, Columns | None]]:
         (rf"{run}/{re.escape(ACTIVATIONS)}/{groups}/[a-z_]+/c/0/\d+/0(/0)?", "expert array shard", None),
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/{re.escape(ZARR_META)}", "site array metadata", None),
         (rf"{run}/{re.escape(ACTIVATIONS)}/[a-z]+/c/0/\d+/0", "site array shard", None),
-        (rf"{run}/{TOKENS}/{part}", "token part", TOKENS_COLUMNS),
+        (rf"{run}/{TOKENS}/{part}", "token part", ALL_TOKEN_COLUMNS),
         (rf"{run}/{SHARDS}/part-\d{{6}}\.json", "shard digests", None),
         (rf"{run}/{TOKEN_STATS}/site=[a-z]+/{part}", "token statistics part", TOKEN_STATS_COLUMNS),
         (rf"{run}/{ANALYSIS}/evaluate-{hexid}/{re.escape(EVALUATION_CONFIG)}", "evaluation config", None),
@@ -418,6 +418,22 @@ TOKENS_COLUMNS: Columns = (
     ("token_index", "BIGINT"), ("sequence", "BIGINT"), ("position", "INTEGER"), ("token_id", "INTEGER"),
     ("token_text", "VARCHAR"), ("document_id", "INTEGER"), ("special", "BOOLEAN"),
 )
+# Generation and diffusion runs (docs/store-format.md "Generation and diffusion runs") hold more token columns:
+# what fed each row (PHASES) and at which step; diffusion runs also the block, whether the position was still
+# masked or noised, the classifier-free-guidance half and whether the row was still denoising.
+GENERATION_COLUMNS: Columns = (("phase", "VARCHAR"), ("step", "INTEGER"))
+DIFFUSION_COLUMNS: Columns = (*GENERATION_COLUMNS, ("block", "INTEGER"), ("noised", "BOOLEAN"),
+                              ("cfg_half", "INTEGER"), ("active", "BOOLEAN"))
+RUN_KINDS = ("text", "generation", "diffusion")
+ALL_TOKEN_COLUMNS: Columns = (*TOKENS_COLUMNS, *DIFFUSION_COLUMNS)  # every column a token part may hold
+
+
+def token_columns(kind: str) -> Columns:
+    """The columns of the token parts of a run of ``kind`` (``RUN_KINDS``; ``Manifest.kind``)."""
+    extra = {"text": (), "generation": GENERATION_COLUMNS, "diffusion": DIFFUSION_COLUMNS}[kind]
+    return (*TOKENS_COLUMNS, *extra)
+
+
 TOKEN_STATS_COLUMNS: Columns = (
     ("run_id", "VARCHAR"), ("site", "VARCHAR"), ("layer", "INTEGER"), ("token_index", "BIGINT"),
     ("sequence", "BIGINT"), ("position", "INTEGER"), ("token_id", "INTEGER"), ("special", "BOOLEAN"),
@@ -467,6 +483,12 @@ _EVAL_META: Columns = (
 # (a routed expert), ``shared`` (the shared expert) or ``dense`` (a dense layer of a mixed model), expert -1
 # for the last two.
 _EXPERT_KEY: Columns = (("layer", "BIGINT"), ("unit", "VARCHAR"), ("expert", "BIGINT"))
+# Per-step analyses of generation and diffusion runs: one row per (hook site, layer) and step; layer -1 is the
+# model level (every hook, weighted by width), site "model" there.
+_STEP_META: Columns = (
+    ("run_id", "VARCHAR"), ("analysis_id", "VARCHAR"), ("target", "VARCHAR"), ("rule", "VARCHAR"),
+    ("value", "DOUBLE"), ("layer", "BIGINT"), ("site", "VARCHAR"),
+)
 RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
     ResultKind("curves", "curves", (
         ("run_id", "VARCHAR"), ("target", "VARCHAR"), ("rule", "VARCHAR"), ("value", "DOUBLE"), ("layer", "BIGINT"),
@@ -521,6 +543,27 @@ RESULT_KINDS: dict[str, ResultKind] = {k.name: k for k in (
         *_EVAL_META, ("value", "DOUBLE"), *_EXPERT_KEY, ("hook", "VARCHAR"), ("width", "BIGINT"),
         ("n_positions", "BIGINT"), ("rows", "BIGINT"), ("load", "DOUBLE"), ("sparsity", "DOUBLE")),
         "actsparse evaluate", store_level=True),
+    ResultKind("step_sparsity", "step_sparsity", (
+        *_STEP_META, ("step", "BIGINT"), ("block", "BIGINT"), ("n_tokens", "BIGINT"), ("width", "BIGINT"),
+        ("sparsity", "DOUBLE"), ("n_noised", "BIGINT"), ("sparsity_noised", "DOUBLE"), ("label", "VARCHAR")),
+        "actsparse steps"),
+    ResultKind("step_stability", "step_stability", (
+        *_STEP_META, ("kind", "VARCHAR"), ("delta", "BIGINT"), ("step", "BIGINT"), ("ref_step", "BIGINT"),
+        ("n_intersection", "BIGINT"), ("n_union", "BIGINT"), ("token_jaccard_sum", "DOUBLE"), ("n_tokens", "BIGINT"),
+        ("global_jaccard", "DOUBLE"), ("token_jaccard", "DOUBLE"), ("label", "VARCHAR")), "actsparse steps"),
+    ResultKind("generation_evaluations", "evaluate_generation", (
+        *_EVAL_META, ("value", "DOUBLE"), ("max_new_tokens", "BIGINT"), ("n_prompts", "BIGINT"),
+        ("n_prefill", "BIGINT"), ("n_generation", "BIGINT"), ("n_boot", "BIGINT"),
+        *((f"sparsity_{ph}{end}", "DOUBLE") for ph in ("prefill", "generation", "total") for end in ("", "_lo", "_hi")),
+        ("token_agreement", "DOUBLE"), ("token_agreement_lo", "DOUBLE"), ("token_agreement_hi", "DOUBLE"),
+        ("exact_match", "DOUBLE"), ("exact_match_lo", "DOUBLE"), ("exact_match_hi", "DOUBLE"),
+        ("dense_generated_mean", "DOUBLE"), ("label", "VARCHAR")), "actsparse evaluate --generate", store_level=True),
+    ResultKind("diffusion_evaluations", "evaluate_diffusion", (
+        *_EVAL_META, ("value", "DOUBLE"), ("step", "BIGINT"), ("block", "BIGINT"), ("n_prompts", "BIGINT"),
+        ("n_positions", "BIGINT"), ("n_boot", "BIGINT"), ("sparsity", "DOUBLE"), ("sparsity_lo", "DOUBLE"),
+        ("sparsity_hi", "DOUBLE"), ("token_agreement", "DOUBLE"), ("token_agreement_lo", "DOUBLE"),
+        ("token_agreement_hi", "DOUBLE"), ("exact_match", "DOUBLE"), ("exact_match_lo", "DOUBLE"),
+        ("exact_match_hi", "DOUBLE"), ("label", "VARCHAR")), "actsparse evaluate --diffusion", store_level=True),
 )}
 # lm-eval task evaluations (actsparse.analyze.tasks): the same leading columns, then the task's.
 _TASK_META: Columns = (
@@ -553,6 +596,9 @@ BATCH_UNION, NM_SPARSITY, NEURONS = RESULT_KINDS["batch_union"], RESULT_KINDS["n
 EXPERT_CURVES, EVALUATION_EXPERTS = RESULT_KINDS["expert_curves"], RESULT_KINDS["evaluation_experts"]
 TASK_EVALUATION, TASK_EXAMPLES = RESULT_KINDS["task_evaluations"], RESULT_KINDS["task_examples"]
 TASK_CRITICAL = RESULT_KINDS["task_critical"]
+STEP_SPARSITY, STEP_STABILITY = RESULT_KINDS["step_sparsity"], RESULT_KINDS["step_stability"]
+GENERATION_EVALUATION = RESULT_KINDS["generation_evaluations"]
+DIFFUSION_EVALUATION = RESULT_KINDS["diffusion_evaluations"]
 
 _PATH_KINDS = _path_kinds()
 
@@ -990,6 +1036,17 @@ class Manifest:
         return str(self.config.get("compute_dtype", "float32"))
 
     @property
+    def kind(self) -> str:
+        """``text`` (teacher-forced windows), ``generation`` or ``diffusion`` (``config.decoding.kind``)."""
+        decoding = self.config.get("decoding")
+        return decoding["kind"] if isinstance(decoding, dict) else "text"
+
+    @property
+    def token_columns(self) -> Columns:
+        """The columns of this run's token parts."""
+        return token_columns(self.kind)
+
+    @property
     def model_spec(self) -> str:
         """The model as the user named it when collecting (alias, path or HF id)."""
         return str(self.config.get("model", self.model.spec))
@@ -1013,6 +1070,9 @@ class Manifest:
             raise ActsparseError(f"{where}: manifest status {status!r} is not one of {', '.join(STATUSES)}")
         for key in ("config", "arrays"):
             _need(d, key, dict, where)
+        decoding = d["config"].get("decoding")
+        if decoding is not None and not (isinstance(decoding, dict) and decoding.get("kind") in RUN_KINDS[1:]):
+            raise ActsparseError(f"{where}: manifest field 'config.decoding' is not a generation or diffusion setting")
         model, corpus = ModelInfo.from_dict(d.get("model"), where), CorpusInfo.from_dict(d.get("corpus"), where)
         n_tokens = _bounded(d, "n_tokens", 1, MAX_TOKENS, where)
         chunk_tokens = _bounded(d, "chunk_tokens", 1, MAX_CHUNK_TOKENS, where)

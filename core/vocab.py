@@ -19,3 +19,15 @@ WEIGHTED_RULES: tuple[str, ...] = ("wina-top-k", "wina-top-p")
 
 CALIBRATED_RULES: tuple[str, ...] = ("threshold", "cett")
 """Rules whose per-layer tau is calibrated on a run's calibration windows (docs/paper-notes.md §8)."""
+
+FLAT_TOPP: str = "top-p-flat"
+"""The authors' diffusion top-p (docs/paper-notes.md §1.7): one budget per sample over its flattened
+[tokens, width] tensor, kept mass <= p (``analyze.rules.flat_topp_mask``)."""
+
+STEP_RULES: tuple[str, ...] = (*RULES, FLAT_TOPP)
+"""Rules of the per-step analysis of generation and diffusion runs (``analyze.steps``)."""
+
+PHASES: tuple[str, ...] = ("prefill", "generation", "denoising")
+"""What a stored token row was fed by (docs/paper-notes.md §1.4, §1.7): the prompt's forward pass, a one-token
+forward of autoregressive generation (KV cache), or a denoising step of a diffusion LM. Runs of plain text are
+all prefill."""

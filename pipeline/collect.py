@@ -19,6 +19,10 @@ so a killed run restarts with the shards that have no token part, checks the one
 records (a damaged one is written again: ``actsparse.pipeline.resume``), and re-computes exactly the same
 bytes. Per-token statistics are not computed here: the caller passes them in (``statistics``, e.g.
 ``actsparse.analyze.token_stats.TOKEN_STATS``), which keeps this layer free of analysis.
+
+Generation and diffusion runs (``CollectConfig.decoding``) take the same four steps; their windows are prompts,
+their model and the rows each forward pass stores come from ``actsparse.pipeline.decoding``, and their shard
+loop is ``actsparse.pipeline.stepwise`` (the token count is known only once every prompt has run).
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ from actsparse.core.vocab import SITES
 from actsparse.pipeline.arrays import create_arrays, shard_writes, single_threaded_blosc
 from actsparse.pipeline.capture import DenseCapture, MoECapture, check_resumable, resolve_capture
 from actsparse.pipeline.corpora import Corpus, open_corpus
+from actsparse.pipeline.decoding import Decoder, DiffusionSpec, GenerationSpec, plan_decoder
 from actsparse.pipeline.device import AUTO, ShardCopier, declared_dtype, forward_dtype, resolve_device, to_device
 from actsparse.pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from actsparse.pipeline.resume import completed_shards, verified_shards
+from actsparse.pipeline.stepwise import collect_step_shards, reset_arrays
 from actsparse.pipeline.store_root import create_store, write_catalogue
 from actsparse.pipeline.windows import Window, batches, iter_windows, pad_batch
 from actsparse.pipeline.writer import ShardJob, ShardPool, Writer
@@ -85,6 +91,8 @@ class CollectConfig:
         text_field: jsonl field or parquet column holding the text.
         add_bos: start every window with BOS where the tokenizer has one.
         trust_remote_code: allow model code from the checkpoint.
+        decoding: None for teacher-forced windows; else generation after each window (``GenerationSpec``) or a
+            diffusion LM's denoising loop on it (``DiffusionSpec``), every forward pass stored.
     """
 
     model: str
@@ -100,6 +108,7 @@ class CollectConfig:
     text_field: str | None = None
     add_bos: bool = True
     trust_remote_code: bool = False
+    decoding: GenerationSpec | DiffusionSpec | None = None
 
     def validate(self) -> None:
         """Raise ActsparseError on values that cannot work, before anything is loaded."""
@@ -122,6 +131,8 @@ class CollectConfig:
             raise ActsparseError(f"--max-tokens must be in [1, {fmt.MAX_TOKENS}] (got {self.max_tokens})")
         if self.split not in SPLITS:
             raise ActsparseError(f"unknown split '{self.split}' (choose {' or '.join(SPLITS)})")
+        if self.decoding is not None:
+            self.decoding.validate()
 
 
 @dataclass
@@ -167,9 +178,13 @@ class Plan:
     run_id: str
     identity: dict
     device: str = "cpu"
+    decoder: Decoder | None = None
 
     @property
     def n_tokens(self) -> int:
+        """The run's tokens; for a generation or diffusion run, an upper bound (known once collected)."""
+        if self.decoder is not None:
+            return self.decoder.n_bound(self.windows)
         return sum(len(w.token_ids) for w in self.windows)
 
 
@@ -181,7 +196,8 @@ def plan(cfg: CollectConfig, *, device: str = "cpu") -> Plan:
     bytes); the plan's ``cfg`` is the resolved config.
 
     Raises:
-        ActsparseError: a bad config, model or corpus, or a corpus split without tokens.
+        ActsparseError: a bad config, model or corpus, a corpus split without tokens, or decoding settings the
+            model cannot run (``pipeline.decoding.plan_decoder``).
     """
     cfg.validate()
     resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -192,15 +208,27 @@ def plan(cfg: CollectConfig, *, device: str = "cpu") -> Plan:
                                 add_bos=cfg.add_bos))
     if not windows:
         raise ActsparseError(f"corpus {cfg.corpus} split '{cfg.split}' yields no tokens")
+    decoder = None if cfg.decoding is None else plan_decoder(cfg.decoding, tok, mcfg, resolved.spec, cfg.seq_len)
+    if decoder is not None and device != "cpu":
+        raise ActsparseError(f"generation and diffusion runs are collected on the CPU (got device {device}): "
+                             "use --device cpu")
     import torch
     import transformers
 
     identity = dict(
-        format_version=fmt.FORMAT_VERSION, config=dataclasses.asdict(cfg) | dict(model=None, corpus=None),
+        format_version=fmt.FORMAT_VERSION, config=_config_dict(cfg) | dict(model=None, corpus=None),
         weights_sha256=resolved.weights_sha256, model_type=mcfg.model_type, corpus_sha256=corpus.sha256,
         torch=torch.__version__, transformers=transformers.__version__,
     ) | (dict(device=device) if device != "cpu" else {})
-    return Plan(cfg, resolved, tok, corpus, windows, fmt.content_hash(identity), identity, device)
+    return Plan(cfg, resolved, tok, corpus, windows, fmt.content_hash(identity), identity, device, decoder)
+
+
+def _config_dict(cfg: CollectConfig) -> dict:
+    """The config as hashed and recorded; ``decoding`` only where set, so text runs keep their run ids."""
+    d = dataclasses.asdict(cfg)
+    if d["decoding"] is None:
+        del d["decoding"]
+    return d
 
 
 def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistics | None = None,
@@ -233,8 +261,8 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
     with exclusive_lock(run_dir / fmt.LOCK, f"run {p.run_id}"):
         existing = read_manifest(run_dir)
         if existing is not None and existing.complete:
-            log(f"run {p.run_id} is already complete ({p.n_tokens} tokens); nothing to do")
-            return CollectResult(p.run_id, run_dir, "already-complete", p.n_tokens, manifest=existing)
+            log(f"run {p.run_id} is already complete ({existing.n_tokens} tokens); nothing to do")
+            return CollectResult(p.run_id, run_dir, "already-complete", existing.n_tokens, manifest=existing)
         try:
             with single_threaded_blosc():
                 warm = None
@@ -248,21 +276,23 @@ def collect(cfg: CollectConfig, store: str | Path, *, statistics: ShardStatistic
                 if done:
                     log(f"resuming run {p.run_id}: {len(done)} of {run.manifest.n_parts} shards already written "
                         "and checked")
-                elif cfg.max_tokens is not None and p.n_tokens < cfg.max_tokens:
+                elif cfg.max_tokens is not None and cfg.decoding is None and p.n_tokens < cfg.max_tokens:
                     log(f"corpus {p.corpus.name} split '{cfg.split}' holds {p.n_tokens} tokens, fewer than "
                         f"--max-tokens {cfg.max_tokens}: collecting all of them")
                 wanted = set(range(run.manifest.n_parts)) - done
                 timings = collect_shards(run, wanted, statistics=statistics, progress=progress)
                 elapsed = time.perf_counter() - t_start
-                resumed_tokens = sum(min(cfg.chunk_tokens, p.n_tokens - k * cfg.chunk_tokens) for k in wanted)
+                n_tokens = run.manifest.n_tokens
+                resumed_tokens = sum(min(cfg.chunk_tokens, n_tokens - k * cfg.chunk_tokens) for k in wanted
+                                     if k * cfg.chunk_tokens < n_tokens)
                 manifest = finish_run(run, dict(
                     elapsed_s=round(elapsed, 3), forward_s=round(timings.forward_s, 3), loop_s=round(timings.loop_s, 3),
                     write_s=round(timings.write_s, 3), tokens_per_s=round(resumed_tokens / max(elapsed, 1e-9), 1)))
         except OSError as e:
             raise disk_error(e, f"writing run {p.run_id}") from e
-    log(f"run {p.run_id} complete: {p.n_tokens} tokens, {len(cfg.sites)} sites x {manifest.n_layers} layers "
+    log(f"run {p.run_id} complete: {manifest.n_tokens} tokens, {len(cfg.sites)} sites x {manifest.n_layers} layers "
         f"-> {run_dir}")
-    return CollectResult(p.run_id, run_dir, "complete", p.n_tokens, time.perf_counter() - t_start,
+    return CollectResult(p.run_id, run_dir, "complete", manifest.n_tokens, time.perf_counter() - t_start,
                          timings.forward_s, manifest)
 
 
@@ -317,26 +347,33 @@ def prepare_run(p: Plan, paths: fmt.StorePaths, *, created: str | None = None, m
     import pyarrow as pa
 
     cfg = p.cfg
-    if model is None:
-        model = to_device(load_model(p.resolved, cfg.compute_dtype), p.device)
-    capture = resolve_capture(model)
+    if p.decoder is not None:
+        model, arch = p.decoder.load(p.resolved, cfg.compute_dtype)
+        capture = DenseCapture(arch)
+    else:
+        if model is None:
+            model = to_device(load_model(p.resolved, cfg.compute_dtype), p.device)
+        capture = resolve_capture(model)
     capture.check_sites(cfg.sites, type(model).__name__)
     run_dir = paths.run_dir(p.run_id)
     check_resumable(read_manifest(run_dir), capture)
     wid = capture.weights_id(p.resolved.weights_sha256, cfg.compute_dtype)
     capture.write_weights(paths, wid)
     specs, moe_specs = capture.array_specs(cfg.sites, p.n_tokens, cfg.chunk_tokens, cfg.dtype)
+    if p.decoder is not None:  # a resumed run's arrays may have their final token count: back to the bound
+        reset_arrays(run_dir / fmt.ACTIVATIONS, cfg.sites)
     arrays = create_arrays(run_dir / fmt.ACTIVATIONS, specs | moe_specs)
     tok = p.tokenizer
     manifest = fmt.Manifest(
-        run_id=p.run_id, status="incomplete", created=created or _now(), config=dataclasses.asdict(cfg),
+        run_id=p.run_id, status="incomplete", created=created or _now(), config=_config_dict(cfg),
         identity=p.identity, model=_model_info(p.resolved, model, tok, capture.ffn_info(), wid),
         corpus=fmt.CorpusInfo(spec=p.corpus.spec, name=p.corpus.name, sha256=p.corpus.sha256,
                               license=p.corpus.license, description=p.corpus.description,
                               n_documents=len(p.corpus.split(cfg.split))),
         tokenization=dict(seq_len=cfg.seq_len, add_bos=cfg.add_bos and tok.bos_token_id is not None,
                           padding="none stored (right-padded batches, attention-mask selected)",
-                          special="BOS and tokenizer special ids flagged in tokens.special"),
+                          special="BOS and tokenizer special ids flagged in tokens.special")
+        | ({} if p.decoder is None else dict(decoding=p.decoder.describe())),
         arrays=specs, n_tokens=p.n_tokens, n_sequences=len(p.windows), chunk_tokens=cfg.chunk_tokens,
         versions=_versions(), moe=capture.moe, moe_arrays=moe_specs,
     )
@@ -435,6 +472,8 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
     Raises:
         ActsparseError: a hook that did not fire once per batch, a float16 overflow, a shard not written.
     """
+    if run.plan.decoder is not None:  # generation or diffusion: its own loop, the token count found as it runs
+        return collect_step_shards(run, wanted, statistics=statistics, progress=progress)
     p, T, n_tokens = run.plan, run.plan.cfg.chunk_tokens, run.plan.n_tokens
     cfg, tok = p.cfg, p.tokenizer
     timings = LoopTimings()

@@ -28,7 +28,8 @@ from actsparse.core.parsing import names
 from actsparse.core.progress import ProgressFactory
 from actsparse.pipeline.collect import CollectConfig, ShardStatistics, collect
 
-_FIELDS = {f.name for f in dataclasses.fields(CollectConfig)}
+# Generation and diffusion runs (``decoding``) are collected one command each, not from a jobs file.
+_FIELDS = {f.name for f in dataclasses.fields(CollectConfig)} - {"decoding"}
 # The TOML type each CollectConfig field takes (sites: a list of names, or one comma-separated string)
 _KINDS = {"model": str, "corpus": str, "max_tokens": int, "seq_len": int, "batch_size": int, "dtype": str,
           "compute_dtype": str, "chunk_tokens": int, "split": str, "text_field": str, "add_bos": bool,

@@ -65,15 +65,16 @@ class ShardJob:
 class Writer(threading.Thread):
     """Writes whole shards from a queue (bounded by the pool); the first exception is kept for the main thread.
 
-    ``writes`` maps a site to ``write(k, block)`` (``actsparse.pipeline.arrays.shard_writes``). Shards are
-    independent files and a shard counts as complete once its token part exists (written last), so two threads
-    may write shards in any order.
+    ``writes`` maps a site to ``write(k, block)`` (``actsparse.pipeline.arrays.shard_writes``); ``columns`` are the
+    run's token columns (``Manifest.token_columns``). Shards are independent files and a shard counts as complete
+    once its token part exists (written last), so two threads may write shards in any order.
     """
 
-    def __init__(self, run_dir: Path, writes: dict[str, ShardWrite], pool: ShardPool):
+    def __init__(self, run_dir: Path, writes: dict[str, ShardWrite], pool: ShardPool,
+                 columns: fmt.Columns = fmt.TOKENS_COLUMNS):
         super().__init__(daemon=True, name="actsparse-writer")
         self.q: queue.Queue = queue.Queue()
-        self.run_dir, self.writes, self.pool = run_dir, writes, pool
+        self.run_dir, self.writes, self.pool, self.columns = run_dir, writes, pool, columns
         self.error: BaseException | None = None
         self.write_s = 0.0
         self._lock = threading.Lock()
@@ -98,7 +99,7 @@ class Writer(threading.Thread):
                     files[Path(path).relative_to(self.run_dir).as_posix()] = crc32c_file(path)
                 sync_data([self.run_dir / rel for rel in files])
                 atomic_write_json(self.run_dir / fmt.shard_record(job.k), shard_record_doc(job.k, files))
-                table = pa.table(job.token_rows, schema=fmt.arrow_schema(fmt.TOKENS_COLUMNS))
+                table = pa.table(job.token_rows, schema=fmt.arrow_schema(self.columns))
                 atomic_write_parquet(self.run_dir / fmt.token_part(job.k), table, fsync=True)
         except BaseException as e:  # re-raised on the main thread
             self.error = e

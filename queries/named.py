@@ -10,8 +10,8 @@ Every file starts with a header of ``--`` comment lines, then one SELECT over th
     -- columns: col_a, col_b, ...
 
 Values are bound as DuckDB named parameters (``$run``, ``$site``), never pasted into the SQL text.
-Types: RUN (a run id or unique prefix, resolved against the store), SITE, TARGET and RULE (text
-checked against ``actsparse.core.vocab``, so that a misspelt name is an error rather than an empty
+Types: RUN (a run id or unique prefix, resolved against the store), SITE, TARGET, RULE and STEP_RULE
+(text checked against ``actsparse.core.vocab``, so that a misspelt name is an error rather than an empty
 result), VARCHAR, INTEGER, DOUBLE, BOOLEAN; defaults are SQL literals (``'text'``, numbers,
 ``true``/``false``, ``NULL``).
 """
@@ -28,9 +28,10 @@ from typing import Any
 from actsparse.core import vocab
 from actsparse.core.errors import ActsparseError
 
-NAMES = {"SITE": vocab.SITES, "TARGET": vocab.TARGETS, "RULE": vocab.RULES}  # text types of a closed vocabulary
+# text types of a closed vocabulary (STEP_RULE: the rules of per-step analyses, the flattened top-p among them)
+NAMES = {"SITE": vocab.SITES, "TARGET": vocab.TARGETS, "RULE": vocab.RULES, "STEP_RULE": vocab.STEP_RULES}
 TYPES = ("RUN", *NAMES, "VARCHAR", "INTEGER", "DOUBLE", "BOOLEAN")
-_PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z]+)\s*"
+_PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z_]+)\s*"
                     r"(?:\[\s*(?P<lo>[-+0-9.e]+)\s*,\s*(?P<hi>[-+0-9.e]+)\s*\]\s*)?"
                     r"(?:=\s*(?P<default>.+?))?\s*:\s*(?P<doc>.*)$")
 _USED = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")

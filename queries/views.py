@@ -50,6 +50,7 @@ class StoreFiles:
 
     def __init__(self, reader, manifests: dict[str, fmt.Manifest]):
         self.reader, self.local = reader, reader.is_local
+        self.kinds = {rid: m.kind for rid, m in manifests.items()}  # text | generation | diffusion
         self.left_out: dict[str, str] = {}
         self.notes: list[str] = []
         self._listed = {rid: self._checksummed(rid) for rid in manifests}
@@ -213,6 +214,19 @@ def layers_sql() -> str:
         ) s USING (run_id, site, layer)"""
 
 
+TOKENS_VIEW_COLUMNS = (("run_id", "VARCHAR"), *fmt.ALL_TOKEN_COLUMNS)
+# What the tokens view shows where a run's token parts lack a column: a run of text is all prefill at step 0
+# (docs/paper-notes.md §1.4: a single forward pass counts as prefill); the diffusion columns are null elsewhere.
+_TOKEN_DEFAULTS = {"phase": "'prefill'", "step": "0"}
+
+
+def _token_select(kind: str) -> str:
+    """The columns of the tokens view from the token parts of a run of ``kind``, in ``ALL_TOKEN_COLUMNS`` order."""
+    have = {c for c, _ in fmt.token_columns(kind)}
+    return ", ".join(c if c in have else f"CAST({_TOKEN_DEFAULTS.get(c, 'NULL')} AS {t}) AS {c}"
+                     for c, t in fmt.ALL_TOKEN_COLUMNS)
+
+
 def file_view_sql(view: str, files: StoreFiles, location) -> str:
     """The SQL of a file-backed view; ``location(rel)`` is what DuckDB opens for a store-relative path."""
 
@@ -220,9 +234,9 @@ def file_view_sql(view: str, files: StoreFiles, location) -> str:
         return "[" + ", ".join(lit(location(p)) for p in paths) + "]"
 
     if view == "tokens":
-        parts = [f"SELECT {lit(rid)} AS run_id, * FROM read_parquet({listed(p)})"
+        parts = [f"SELECT {lit(rid)} AS run_id, {_token_select(files.kinds[rid])} FROM read_parquet({listed(p)})"
                  for rid, p in files.by_view["tokens"].items() if p]
-        return " UNION ALL ".join(parts) if parts else empty_select((("run_id", "VARCHAR"), *fmt.TOKENS_COLUMNS))
+        return " UNION ALL ".join(parts) if parts else empty_select(TOKENS_VIEW_COLUMNS)
     paths = files.paths(view)
     if view == "token_stats":
         if not paths:

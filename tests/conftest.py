@@ -13,12 +13,70 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MOE_KINDS, TEXT, RangeHandler, build_tiny
+from tests.helpers import (
+    MOE_KINDS,
+    TEXT,
+    RangeHandler,
+    build_tiny,
+    build_tiny_diffusion_gemma,
+    build_tiny_llada,
+    tiny_diffusion_gemma,
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llada_ckpt(tmp_path_factory) -> Path:
+    """A tiny LLaDA-layout masked-diffusion LM saved as a remote-code checkpoint with a ``<mask>`` token."""
+    return build_tiny_llada(tmp_path_factory.mktemp("tiny-llada"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dgemma_ckpt(tmp_path_factory) -> Path:
+    """A tiny random-init diffusion_gemma checkpoint (canvas 8)."""
+    return build_tiny_diffusion_gemma(tmp_path_factory.mktemp("tiny-dgemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llada():
+    """A tiny LLaDA-layout model in memory (vocab 64, mask id 63, d_model 32, d_ff 64, 2 layers)."""
+    from actsparse.pipeline.diffusion.tiny_llada import build_tiny_llada as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_dgemma():
+    """A tiny random-init diffusion_gemma in memory (vocab 300, canvas 8, bos 2, eos 1, pad 0)."""
+    return tiny_diffusion_gemma()
+
+
+@pytest.fixture(scope="session")
+def decoded_store(tmp_path_factory, tiny_llama, tiny_llada_ckpt, tiny_dgemma_ckpt, text_corpus):
+    """A store with a generation run (tiny Llama, 8 new tokens), a masked-diffusion run (tiny LLaDA, guidance on)
+    and a block-diffusion run (tiny diffusion_gemma), collected with per-token statistics:
+    ``(path, {"generation": id, "llada": id, "dgemma": id})``. Tests that change it work on a copy."""
+    from actsparse import CollectConfig, collect
+    from actsparse.analyze.token_stats import TOKEN_STATS
+    from actsparse.pipeline.decoding import DiffusionSpec, GenerationSpec
+    from actsparse.pipeline.diffusion.masked import MaskedDiffusionConfig
+
+    path = tmp_path_factory.mktemp("decoded") / "S"
+    common = dict(corpus=str(text_corpus), max_tokens=72, seq_len=24, batch_size=2, chunk_tokens=96)
+    configs = {
+        "generation": CollectConfig(model=str(tiny_llama), decoding=GenerationSpec(8), **common),
+        "llada": CollectConfig(model=str(tiny_llada_ckpt), trust_remote_code=True, decoding=DiffusionSpec(
+            MaskedDiffusionConfig(steps=8, gen_length=8, block_length=4, cfg_scale=1.0)), **common),
+        "dgemma": CollectConfig(model=str(tiny_dgemma_ckpt), decoding=DiffusionSpec(
+            MaskedDiffusionConfig(steps=6, gen_length=16, block_length=8)), **common),
+    }
+    ids = {k: collect(cfg, path, statistics=TOKEN_STATS, progress=None, log=lambda m: None).run_id
+           for k, cfg in configs.items()}
+    return path, ids
 
 
 @pytest.fixture(scope="session")

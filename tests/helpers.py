@@ -22,8 +22,8 @@ TEXT = (
 )
 
 
-def build_tokenizer(out: Path):
-    """A byte-level BPE tokenizer with a BOS token, trained offline on a few sentences."""
+def build_tokenizer(out: Path, *, mask: bool = False):
+    """A byte-level BPE tokenizer with a BOS token (and a ``<mask>`` token), trained offline on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,6 +34,8 @@ def build_tokenizer(out: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator([TEXT] * 20, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    if mask:
+        tok.add_special_tokens({"mask_token": "<mask>"})
     tok.save_pretrained(out)
     return tok
 
@@ -91,6 +93,47 @@ def moe_config(kind: str, vocab: int, top_k: int = 2, **extra):
         return GptOssConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=top_k, head_dim=8,
                             **common | dict(num_hidden_layers=2, max_position_embeddings=131072))
     raise ValueError(kind)
+
+
+def build_tiny_llada(out: Path, seed: int = 0, *, mask: bool = True) -> Path:
+    """Save a tiny random-init LLaDA-layout masked-diffusion LM as a remote-code checkpoint (load it with
+    ``trust_remote_code``), with a tokenizer holding ``<mask>`` (or, with ``mask=False``, no mask token at all)."""
+    from actsparse.pipeline.diffusion.tiny_llada import build_tiny_llada as build
+    from actsparse.pipeline.diffusion.tiny_llada import save_tiny_llada
+
+    tok = build_tokenizer(out, mask=mask)
+    save_tiny_llada(build(seed, vocab_size=len(tok), mask_token_id=tok.mask_token_id if mask else None,
+                          max_sequence_length=128), out)
+    return out
+
+
+def tiny_diffusion_gemma(seed: int = 0, canvas_length: int = 8, vocab_size: int = 300, special=(2, 1, 0)):
+    """A 2-layer ``DiffusionGemmaForBlockDiffusion`` from its config (d_model 32, d_ff 64, 4 fused experts), in eval
+    mode; ``special`` = (bos, eos, pad) ids."""
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+
+    bos, eos, pad = special
+    text = DiffusionGemmaTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=16, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=16, max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=pad, eos_token_id=eos, bos_token_id=bos)
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length,
+                               image_token_id=vocab_size - 1, boi_token_id=vocab_size - 2, eoi_token_id=vocab_size - 3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DiffusionGemmaForBlockDiffusion(cfg).eval()
+
+
+def build_tiny_diffusion_gemma(out: Path, seed: int = 0) -> Path:
+    """Save a tiny random-init diffusion_gemma (:func:`tiny_diffusion_gemma`, canvas 8) with a tokenizer."""
+    tok = build_tokenizer(out)
+    special = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    tiny_diffusion_gemma(seed, vocab_size=len(tok) + 3, special=special).save_pretrained(out)
+    return out
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

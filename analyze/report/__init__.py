@@ -24,6 +24,8 @@ What it shows (the paper's kinds of figures, docs/paper-notes.md §5):
   rank``), and critical sparsity against parameter count per model family (``analyze.report.scaling``);
 * mixture-of-experts runs (open-loop, ``actsparse.analyze.moe``): sparsity per expert and layer, and each
   expert's load against its sparsity;
+* generation and diffusion runs (``report.steps``): prefill against generation sparsity, and sparsity and the
+  Jaccard of kept masks against the step (``actsparse.analyze.steps``, computed and cached where missing);
 * the provenance of every run, from its manifest.
 
 The curves have one fixed configuration (``REPORT_TARGETS``, ``INPUT_TOPP_GRID``); ``actsparse.analyze.curves``
@@ -59,6 +61,7 @@ from actsparse.analyze.report.figures import (
 )
 from actsparse.analyze.report.page import page
 from actsparse.analyze.report.scaling import fig_effective_rank, fig_size_scaling
+from actsparse.analyze.report.steps import fig_phases, fig_steps, step_analysis
 from actsparse.analyze.report.tasks import fig_task_accuracy, fig_task_critical, task_evaluations, task_table
 from actsparse.core.errors import ActsparseError
 from actsparse.core.files import atomic_write_text
@@ -165,6 +168,10 @@ def build_report(store, out_dir: str | Path, runs: Sequence[str] | None = None, 
             special = tokens["special"].to_numpy()
             fig_magnitudes(figs, rd, special)
             fig_position(figs, st, rd, tokens)
+            if rd.run.manifest.kind == "generation":
+                fig_phases(figs, st, rd)
+            if rd.run.manifest.kind != "text" and (analysis := step_analysis(st, rd)) is not None:
+                fig_steps(figs, rd, analysis)
         if open_crit.height:
             open_crit.write_csv(out / "critical-sparsity.csv")
         tasks_html = task_table(data, task_data, open_crit) if any(td.summary.height for td in task_data) else ""

@@ -150,6 +150,9 @@ def page(store_url: str, data: list[RunData], figs: list[Figure], open_crit, tol
         "<h2>Across runs</h2>" if ("fig-effective-rank" in by_stem or "fig-size-scaling" in by_stem) else "",
         fig("fig-effective-rank"), fig("fig-size-scaling"),
         "<h2>Activations</h2>", per_run("fig-magnitudes"), per_run("fig-position"),
+        ('<h2><span class="tag open">open-loop</span>Generation and diffusion</h2>' if any(
+            f.stem.startswith(("fig-phases-", "fig-steps-")) for f in figs) else ""),
+        per_run("fig-phases"), per_run("fig-steps"),
         "<h2>Provenance</h2>", "".join(_provenance(rd) for rd in data),
         "</body></html>",
     ]

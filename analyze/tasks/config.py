@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actsparse.analyze.evaluate.config import DEFAULT_GRID, EvalConfig
-from actsparse.analyze.sparsifier import check_closed_loop
+from actsparse.analyze.sparsifier import UNCALIBRATED_RULES, check_closed_loop
 from actsparse.analyze.tasks.counting import count_mode
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
@@ -23,7 +23,7 @@ class TaskEvalConfig:
     Attributes:
         model: alias, HF id or checkpoint path (None: the run's model, when a run is given).
         target: input | gate | up | intermediate | all-inputs.
-        rule: top-p | top-k | max-p (``actsparse.analyze.sparsifier.CLOSED_LOOP_RULES``).
+        rule: top-p | top-k | max-p | wina-top-k | wina-top-p (``actsparse.analyze.sparsifier.UNCALIBRATED_RULES``).
         grid: rule values; duplicates dropped, order kept.
         power: top-p power q >= 1.
         count_mode: ``real`` | ``authors`` (``actsparse.analyze.tasks.counting``).
@@ -53,7 +53,7 @@ class TaskEvalConfig:
         """Raise ActsparseError for settings that cannot work, before lm-eval or the model is loaded."""
         if not self.values():
             raise ActsparseError("the grid is empty; give at least one rule value")
-        check_closed_loop(self.target, self.rule, self.values(), self.power)
+        check_closed_loop(self.target, self.rule, self.values(), self.power, UNCALIBRATED_RULES)
         count_mode(self.count_mode)
         if self.limit is not None and not (self.limit >= 1 and float(self.limit).is_integer() or 0 < self.limit < 1):
             raise ActsparseError(f"--limit must be a positive integer or a fraction in (0, 1) (got {self.limit})")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actsparse.analyze.sparsifier import Sparsifier, check_closed_loop
+from actsparse.analyze.sparsifier import UNCALIBRATED_RULES, Sparsifier, check_closed_loop
 from actsparse.analyze.tasks.counting import (
     PHASES,
     PhaseCounts,
@@ -318,7 +318,7 @@ def evaluate_task(model, tokenizer, task: str, task_manager, *, target: str | No
         else:
             if target is None:
                 raise ActsparseError("a sparsified run needs a target")
-            check_closed_loop(target, rule, (value,), power)
+            check_closed_loop(target, rule, (value,), power, UNCALIBRATED_RULES)
             if arch is None:
                 from actsparse.pipeline.sites import resolve_ffn
 

@@ -8,13 +8,27 @@ from pathlib import Path
 import typer
 
 from actsparse.cli.options import (
+    DECODING_OPTIONS,
     AddressOption,
+    BlockLengthOption,
+    CfgScaleOption,
     DeviceOption,
+    DiffusionOption,
     ExecutorOption,
+    GenerateOption,
+    GenLengthOption,
     GpusPerWorkerOption,
+    MaskTokenOption,
     QuietOption,
+    RemaskingOption,
+    SamplingOption,
+    SeedOption,
+    StepsOption,
+    TemperatureOption,
     ThreadsOption,
+    TopPOption,
     WorkersOption,
+    decoding_spec,
     ray_options,
     set_threads,
 )
@@ -22,7 +36,7 @@ from actsparse.cli.output import emit, live_table, progress_bars, say
 from actsparse.core.errors import ActsparseError
 
 _JOB_OPTIONS = ("model", "corpus", "sites", "max_tokens", "seq_len", "batch_size", "dtype", "compute_dtype",
-                "chunk_tokens", "split", "text_field", "no_bos", "trust_remote_code")
+                "chunk_tokens", "split", "text_field", "no_bos", "trust_remote_code", *DECODING_OPTIONS)
 
 
 def collect(
@@ -48,10 +62,27 @@ def collect(
     workers: WorkersOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
     device: DeviceOption = "auto",
+    generate: GenerateOption = None,
+    sampling: SamplingOption = None,
+    top_p: TopPOption = None,
+    temperature: TemperatureOption = None,
+    seed: SeedOption = None,
+    diffusion: DiffusionOption = False,
+    steps: StepsOption = None,
+    gen_length: GenLengthOption = None,
+    block_length: BlockLengthOption = None,
+    cfg_scale: CfgScaleOption = None,
+    remasking: RemaskingOption = None,
+    mask_token_id: MaskTokenOption = None,
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Run models over a corpus and stream FFN activations into a store (resumable)."""
+    """Run models over a corpus and stream FFN activations into a store (resumable).
+
+    With --generate N every window is a prompt followed by N generated tokens (KV cache), with --diffusion the
+    input of every denoising step of a diffusion LM; every forward pass is stored (README "Generation and
+    diffusion").
+    """
     from actsparse.analyze.token_stats import TOKEN_STATS
 
     opts = ray_options(executor, address, workers, gpus_per_worker, device)
@@ -80,13 +111,20 @@ def collect(
     from actsparse.pipeline.collect import DEFAULT_SITES, CollectConfig
     from actsparse.pipeline.collect import collect as run_collect
 
+    decoding = decoding_spec(generate, diffusion, sampling=sampling, top_p=top_p, temperature=temperature, seed=seed,
+                             steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg_scale,
+                             remasking=remasking, mask_token_id=mask_token_id)
     cfg = CollectConfig(model=model, corpus=corpus, sites=names(sites) or DEFAULT_SITES, max_tokens=max_tokens,
                         seq_len=seq_len, batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype,
                         chunk_tokens=chunk_tokens, split=split, text_field=text_field, add_bos=not no_bos,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, decoding=decoding)
     if opts is not None:
+        if decoding is not None:
+            raise ActsparseError("generation and diffusion runs are collected by --executor local")
         _on_ray([cfg], store, opts, quiet, TOKEN_STATS)
         return
+    if decoding is not None and device == "auto":
+        device = "cpu"  # the decoding loops run on the CPU (pipeline.collect.plan)
     with progress_bars(not quiet) as progress:
         res = run_collect(cfg, store, statistics=TOKEN_STATS, progress=progress, log=say, device=device)
     say(f"run_id={res.run_id} tokens={res.n_tokens} status={res.status}")

@@ -10,7 +10,25 @@ from pathlib import Path
 
 import typer
 
-from actsparse.cli.options import QuietOption, RunOption, ThreadsOption, set_threads
+from actsparse.cli.options import (
+    BlockLengthOption,
+    CfgScaleOption,
+    DiffusionOption,
+    GenerateOption,
+    GenLengthOption,
+    MaskTokenOption,
+    QuietOption,
+    RemaskingOption,
+    RunOption,
+    SamplingOption,
+    SeedOption,
+    StepsOption,
+    TemperatureOption,
+    ThreadsOption,
+    TopPOption,
+    decoding_spec,
+    set_threads,
+)
 from actsparse.cli.output import emit, err, say
 from actsparse.core.errors import ActsparseError
 from actsparse.core.parsing import names, numbers
@@ -23,6 +41,11 @@ TASK_COLUMNS = ["task", "value", "n_examples", "acc", "dense_acc", "acc_ratio", 
                 "sparsity", "sparsity_prefill", "sparsity_generation"]
 TASK_CRITICAL_COLUMNS = ["target", "task", "metric", "critical_sparsity_grid", "critical_value_grid",
                          "critical_sparsity_interp", "critical_lo", "critical_hi", "dense_acc", "n_examples"]
+GENERATION_COLUMNS = ["target", "value", "sparsity_prefill", "sparsity_generation", "sparsity_total",
+                      "sparsity_total_lo", "sparsity_total_hi", "token_agreement", "token_agreement_lo",
+                      "token_agreement_hi", "exact_match", "exact_match_lo", "exact_match_hi"]
+DIFFUSION_COLUMNS = ["target", "value", "step", "block", "sparsity", "sparsity_lo", "sparsity_hi", "token_agreement",
+                     "token_agreement_lo", "token_agreement_hi", "exact_match", "exact_match_lo", "exact_match_hi"]
 PROXY_COLUMNS = ["target", "rule", "eval_id", "n_values", "closed_critical", "closed_lo", "closed_hi",
                  "closed_critical_nll", "open_critical", "tolerance", "spearman_err_dnll", "spearman_err_kl",
                  "sparsity_gap"]
@@ -38,15 +61,18 @@ def evaluate(
                                       help="corpus whose held-out split is used (default: the run's)"),
     target: str = typer.Option("intermediate", help="comma-separated: input, gate, up, intermediate, all-inputs"),
     rule: str = typer.Option("top-p", help="top-p | top-k | max-p | wina-top-k | wina-top-p | threshold | cett "
-                                           "(threshold and cett calibrate a tau per layer on --run)"),
+                                           "(threshold and cett calibrate a tau per layer on --run; --diffusion: "
+                                           "top-p, top-k, max-p, top-p-flat)"),
     grid: str | None = typer.Option(None, help="comma-separated rule values "
                                                "(default: 1.0,0.99,0.98,0.97,0.95,0.92,0.9,0.85,0.8,0.7,0.6,0.5)"),
     store: Path | None = typer.Option(None, "--store", "-s",
                                       help="store to write results into (resumable); none: print only"),
     run: str | None = typer.Option(None, "--run", "-r",
                                    help="attach results to this run (same model and corpus) and print the proxy check"),
-    max_tokens: int = typer.Option(4096, help="held-out tokens to use, BOS included"),
-    seq_len: int = typer.Option(256, help="window length in tokens, BOS included"),
+    max_tokens: int | None = typer.Option(None, help="held-out tokens to use, BOS included (default 4096; "
+                                                     "--generate/--diffusion: 512 prompt tokens)"),
+    seq_len: int | None = typer.Option(None, help="window length in tokens, BOS included (default 256; "
+                                                  "--generate/--diffusion: prompts of 64)"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
     power: float = typer.Option(1.0, help="top-p power q >= 1 (rule applied to |a|^q)"),
     compute_dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16 | float16"),
@@ -71,10 +97,27 @@ def evaluate(
     count_mode: str = typer.Option("real", help="--tasks: positions counted for sparsity: real (not padding, not "
                                                 "special) | authors (the authors' harness)"),
     metric: str | None = typer.Option(None, help="--tasks: accuracy metric (default: acc, else the task's first)"),
+    generate: GenerateOption = None,
+    sampling: SamplingOption = None,
+    top_p: TopPOption = None,
+    temperature: TemperatureOption = None,
+    seed: SeedOption = None,
+    diffusion: DiffusionOption = False,
+    steps: StepsOption = None,
+    gen_length: GenLengthOption = None,
+    block_length: BlockLengthOption = None,
+    cfg_scale: CfgScaleOption = None,
+    remasking: RemaskingOption = None,
+    mask_token_id: MaskTokenOption = None,
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Re-run a model with a sparsification rule in every FFN layer; closed-loop metrics and critical sparsity."""
+    """Re-run a model with a sparsification rule in every FFN layer; closed-loop metrics and critical sparsity.
+
+    With --generate N or --diffusion the rule acts at every forward pass of generation or of every denoising
+    step: sparsity per phase or per step, and agreement with the dense model's output (README "Generation and
+    diffusion").
+    """
     import polars as pl
 
     from actsparse.analyze.evaluate import DEFAULT_GRID, EvalConfig, proxy_check
@@ -85,6 +128,20 @@ def evaluate(
     if boot < 1:
         raise ActsparseError(f"--boot must be positive (got {boot})")
     targets = names(target)
+    decoding = decoding_spec(generate, diffusion, sampling=sampling, top_p=top_p, temperature=temperature, seed=seed,
+                             steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg_scale,
+                             remasking=remasking, mask_token_id=mask_token_id)
+    if decoding is not None:
+        if not targets:
+            raise ActsparseError("--target is empty")
+        _evaluate_decoded(decoding, targets, dict(
+            model=model, corpus=corpus, rule=rule, power=power, batch_size=batch_size, compute_dtype=compute_dtype,
+            text_field=text_field, trust_remote_code=trust_remote_code, **({} if grid is None else dict(
+                grid=numbers(grid, "--grid"))), **({} if max_tokens is None else dict(max_tokens=max_tokens)),
+            **({} if seq_len is None else dict(seq_len=seq_len))), store, run, boot, quiet)
+        return
+    max_tokens = 4096 if max_tokens is None else max_tokens
+    seq_len = 256 if seq_len is None else seq_len
     values = numbers(grid, "--grid") or DEFAULT_GRID
     alloc = None
     if allocation is not None:
@@ -154,6 +211,25 @@ def _evaluate_tasks(tasks: str, include_paths: list[Path], model, store, run, ta
                                                   f"{results[-1].eval_id}, count mode {cfg.count_mode})")
     _print(pl.concat([r.critical for r in results], how="diagonal_relaxed"), TASK_CRITICAL_COLUMNS,
            "task critical sparsity (accuracy ratio >= 0.99; 95% bootstrap interval over examples)")
+
+
+def _evaluate_decoded(decoding, targets: tuple[str, ...], settings: dict, store, run, boot: int, quiet: bool) -> None:
+    """``evaluate --generate`` / ``--diffusion``: one closed loop per target, printed as one table."""
+    import polars as pl
+
+    from actsparse.analyze.evaluate.decoded import DecodedEvalConfig, evaluate_decoded
+
+    configs = [DecodedEvalConfig(decoding, target=t, **settings) for t in targets]
+    for cfg in configs:  # every bad target, rule or value fails before the first model load
+        cfg.validate()
+    results = [evaluate_decoded(cfg, store, run, n_boot=boot, log=(lambda m: None) if quiet else say)
+               for cfg in configs]
+    generation = decoding.kind == "generation"
+    title = ("closed loop on generation: sparsity per phase, agreement with the dense continuation" if generation
+             else "closed loop on diffusion: sparsity per denoising step (step -1: all), agreement with the dense "
+                  "answer")
+    _print(pl.concat([r.table for r in results], how="diagonal_relaxed"),
+           GENERATION_COLUMNS if generation else DIFFUSION_COLUMNS, f"{title} (95% bootstrap interval over prompts)")
 
 
 def proxy(

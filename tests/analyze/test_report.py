@@ -315,3 +315,18 @@ def test_browser_check_catches_broken_pages(tmp_path, chromium):
     noisy.write_text("<!DOCTYPE html><html><body><script>console.error('boom')</script></body></html>")
     with pytest.raises(AssertionError, match="boom"):
         check_in_browser(chromium, noisy, tmp_path / "p2")
+
+
+@pytest.mark.slow
+def test_report_of_generation_and_diffusion_runs(decoded_store, tmp_path, chromium):
+    """Prefill against generation for the generation run; sparsity and Jaccard against the step for every run of
+    either kind (the per-step analyses computed and cached by the report)."""
+    src, ids = decoded_store
+    store = shutil.copytree(src, tmp_path / "S")
+    index = build_report(store, tmp_path / "report", log=quiet)
+    run_ids = list(ids.values())
+    stems = expected_stems(run_ids, closed=False) | {f"fig-steps-{rid}" for rid in run_ids}
+    page = check_files(index, stems | {f"fig-phases-{ids['generation']}"})
+    assert "Generation and diffusion" in page and "prefill" in page and "top-p-flat 0.9" in page
+    assert len(list(store.glob("runs/*/analysis/step_stability-*.parquet"))) == 3  # cached beside the runs
+    check_in_browser(chromium, index, tmp_path / "profile")

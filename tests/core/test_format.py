@@ -113,7 +113,7 @@ def test_every_defined_name_and_column_is_documented():
     for directory in (fmt.RUNS, fmt.MODELS, fmt.EVALUATIONS, fmt.ACTIVATIONS, fmt.WEIGHTS, fmt.TOKENS,
                       fmt.TOKEN_STATS, fmt.ANALYSIS, *fmt.STAGING_PREFIXES, fmt.PROBE_PREFIX):
         assert directory in DOC, directory
-    tables = [fmt.CATALOGUE_COLUMNS, fmt.DOCUMENTS_COLUMNS, fmt.TOKENS_COLUMNS, fmt.TOKEN_STATS_COLUMNS,
+    tables = [fmt.CATALOGUE_COLUMNS, fmt.DOCUMENTS_COLUMNS, fmt.ALL_TOKEN_COLUMNS, fmt.TOKEN_STATS_COLUMNS,
               fmt.LAYERS_COLUMNS, fmt.EVALUATION_VALUE_COLUMNS, *(k.columns for k in fmt.RESULT_KINDS.values())]
     undocumented = sorted({c for columns in tables for c, _ in columns} - DOC_NAMES)
     assert not undocumented, undocumented
@@ -214,3 +214,38 @@ def test_a_moe_store_holds_only_what_the_format_defines(moe_store, tmp_path):
              run=ids["qwen3moe"], n_boot=10, log=lambda m: None)
     assert {"expert array group", "expert array metadata", "expert array shard", "weights chunk",
             "result: expert_curves", "result: evaluation_experts", "evaluation value part"} <= kinds_in(store)
+
+
+def test_a_store_of_generation_and_diffusion_runs_holds_only_what_the_format_defines(decoded_store, tmp_path):
+    """Generation and diffusion runs, their per-step analyses and closed-loop evaluations (with a run and without)
+    write only paths the format defines, Parquet files with documented columns; token parts have their kind's."""
+    from actsparse.analyze.evaluate.decoded import DecodedEvalConfig, evaluate_decoded
+    from actsparse.analyze.steps import StepConfig, analyze_steps
+    from actsparse.pipeline.decoding import GenerationSpec
+
+    src, ids = decoded_store
+    store = Path(shutil.copytree(src, tmp_path / "S"))
+    for run_id in ids.values():
+        analyze_steps(store, run_id, StepConfig(rule="top-p"))
+    cfg = DecodedEvalConfig(GenerationSpec(3), grid=(0.9,), max_tokens=48, seq_len=24, batch_size=2)
+    evaluate_decoded(cfg, store, run=ids["generation"], n_boot=5, log=lambda m: None)
+    m = json.loads((store / fmt.run_path(ids["generation"], fmt.MANIFEST)).read_text())
+    evaluate_decoded(DecodedEvalConfig(GenerationSpec(3), model=m["config"]["model"], corpus=m["corpus"]["spec"],
+                                       grid=(0.9,), max_tokens=48, seq_len=24), store, n_boot=5, log=lambda m: None)
+    seen = set()
+    for p in sorted(store.rglob("*")):
+        rel = p.relative_to(store).as_posix()
+        if p.is_dir() or p.name in fmt.LOCKS:
+            continue
+        described = fmt.describe_path(rel)
+        assert described is not None, f"{rel} is not defined by the store format"
+        what, columns = described
+        seen.add(what)
+        if rel.endswith(".parquet"):
+            written = pq.read_schema(p).names
+            assert columns is not None and set(written) <= {c for c, _ in columns}, (rel, written)
+            if what == "token part":
+                kind = json.loads((p.parents[1] / fmt.MANIFEST).read_text())["config"]["decoding"]["kind"]
+                assert written == [c for c, _ in fmt.token_columns(kind)]
+    assert {"result: step_sparsity", "result: step_stability", "result: generation_evaluations"} <= seen
+    assert (store / fmt.EVALUATIONS / "").is_dir()

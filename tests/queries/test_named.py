@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from actsparse.core.errors import ActsparseError
@@ -60,3 +61,45 @@ def test_query_headers_are_checked():
         parse("bad", "-- purpose: x\n-- param s SITE = 'mlp': n\nSELECT $s")
     for q in load().values():  # every shipped query documents itself
         assert q.purpose and q.columns and all(p.doc for p in q.params)
+
+
+def test_queries_of_generation_and_diffusion_runs(decoded_store, two_model_store, tmp_path):
+    """sparsity_by_phase, sparsity_by_step and mask_stability against the tables they summarise; the tokens view
+    shows phase and step for runs of text too."""
+    import shutil
+
+    import polars as pl
+
+    from actsparse.analyze.steps import StepConfig, analyze_steps, stability_summary
+
+    src, ids = decoded_store
+    path = shutil.copytree(src, tmp_path / "S")
+    res = analyze_steps(path, ids["llada"], StepConfig())
+    with Store(path) as st:
+        phases = st.query("sparsity_by_phase", run=ids["generation"], layer=1)
+        manual = st.sql("SELECT k.phase, avg(s.sparsity_p90) AS s, count(*) AS n FROM token_stats s JOIN tokens k "
+                        "USING (run_id, token_index) WHERE s.run_id = $run AND s.site = 'intermediate' AND s.layer = 1 "
+                        "AND NOT s.special GROUP BY ALL", run=ids["generation"])
+        assert phases["phase"].to_list() == ["prefill", "generation", "total"]
+        for phase, s, n in manual.iter_rows():
+            row = phases.filter(pl.col("phase") == phase).row(0, named=True)
+            assert row["sparsity_mean"] == pytest.approx(s) and row["n_tokens"] == n
+        assert phases.filter(pl.col("phase") == "total")["n_tokens"].item() == manual["n"].sum()
+        by_step = st.query("sparsity_by_step", run=ids["llada"])
+        model = res.sparsity.filter(pl.col("layer") == -1).sort("step")
+        assert by_step["step"].to_list() == model["step"].to_list()
+        np.testing.assert_allclose(by_step["sparsity"].to_numpy(), model["sparsity"].to_numpy(), rtol=1e-12)
+        pooled = st.query("mask_stability", run=ids["llada"])
+        for kind, delta, g, t in pooled.select("kind", "delta", "global_jaccard", "token_jaccard").iter_rows():
+            assert (g, t) == pytest.approx(stability_summary(res.stability)[(kind, delta)])
+        assert st.query("mask_stability", run=ids["llada"], by_step=True)["step"].null_count() == 0
+        assert st.query("sparsity_by_step", run=ids["llada"], rule="top-k").height == 0  # not analysed
+        with pytest.raises(ActsparseError, match="unknown step_rule 'flat'"):
+            st.query("sparsity_by_step", run=ids["llada"], rule="flat")
+        kinds = st.sql("SELECT run_id, min(phase) AS phase, max(step) AS step, count(cfg_half) AS halves FROM tokens "
+                       "GROUP BY ALL")
+        assert dict(kinds.select("run_id", "phase").iter_rows()) == {
+            ids["generation"]: "generation", ids["llada"]: "denoising", ids["dgemma"]: "denoising"}
+    with Store(two_model_store[0]) as st:
+        text = st.sql("SELECT DISTINCT phase, step, block FROM tokens")
+        assert text.rows() == [("prefill", 0, None)]
