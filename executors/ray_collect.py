@@ -154,6 +154,8 @@ def _plan_jobs(jobs: list[JobReport], paths: fmt.StorePaths, device: str, with_s
     for job in jobs:
         try:
             p = plan(job.cfg, device=device)
+            if p.decoder is not None:
+                raise ActsparseError("generation and diffusion runs are collected by --executor local")
             job.run_id, job.n_tokens = p.run_id, p.n_tokens
             twin = next((r.job.index for r in runs if r.plan.run_id == p.run_id), None)
             if twin is not None:

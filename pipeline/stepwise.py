@@ -34,6 +34,7 @@ from actsparse.core.files import atomic_write_json
 from actsparse.core.progress import ProgressFactory
 from actsparse.pipeline.arrays import create_arrays, shard_writes
 from actsparse.pipeline.recorder import SiteRecorder
+from actsparse.pipeline.resume import completed_shards
 from actsparse.pipeline.windows import batches
 from actsparse.pipeline.writer import ShardJob, ShardPool, Writer
 
@@ -206,7 +207,7 @@ def collect_step_shards(run, wanted: set[int], *, statistics=None, progress: Pro
     Raises:
         ActsparseError: a hook that did not fire once per forward pass, a float16 overflow, a shard not written.
     """
-    from actsparse.pipeline.collect import LoopTimings, completed_shards
+    from actsparse.pipeline.collect import LoopTimings
 
     p, cfg = run.plan, run.plan.cfg
     timings = LoopTimings()
