@@ -27,6 +27,18 @@ DENSE_CACHE_BYTES = 2 << 30
 _LOGITS_BYTES = 256 << 20
 
 
+def grid_values(grid) -> tuple[float, ...]:
+    """A grid as floats, duplicates dropped, in the given order.
+
+    Raises:
+        ActsparseError: a value that is not a number.
+    """
+    try:
+        return tuple(dict.fromkeys(float(v) for v in grid))
+    except (TypeError, ValueError):
+        raise ActsparseError(f"grid values must be numbers, got {grid!r}") from None
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """What a closed-loop evaluation computes.
@@ -68,10 +80,7 @@ class EvalConfig:
         """The grid as floats, duplicates dropped, in the given order (with an allocation: its sparsities)."""
         if self.allocation is not None:
             return tuple(dict.fromkeys(float(a["sparsity"]) for a in self.allocation["allocations"]))
-        try:
-            return tuple(dict.fromkeys(float(v) for v in self.grid))
-        except (TypeError, ValueError):
-            raise ActsparseError(f"grid values must be numbers, got {self.grid!r}") from None
+        return grid_values(self.grid)
 
     def validate(self) -> None:
         """Raise ActsparseError for values that cannot work, before anything is loaded."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actsparse.analyze.evaluate.config import DEFAULT_GRID, EvalConfig
+from actsparse.analyze.evaluate.config import DEFAULT_GRID, grid_values
 from actsparse.analyze.sparsifier import UNCALIBRATED_RULES, check_closed_loop
 from actsparse.analyze.tasks.counting import count_mode
 from actsparse.core import format as fmt
@@ -47,7 +47,9 @@ class TaskEvalConfig:
     compute_dtype: str = "float32"
     trust_remote_code: bool = False
 
-    values = EvalConfig.values  # the grid as closed-loop evaluation reads it: floats, duplicates dropped, in order
+    def values(self) -> tuple[float, ...]:
+        """The grid as closed-loop evaluation reads it: floats, duplicates dropped, in order."""
+        return grid_values(self.grid)
 
     def validate(self) -> None:
         """Raise ActsparseError for settings that cannot work, before lm-eval or the model is loaded."""
