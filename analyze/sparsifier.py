@@ -177,7 +177,7 @@ def check_closed_loop(target: str, rule: str, values, power: float = 1.0,
         raise ActsparseError(f"unknown target '{target}' (choose {', '.join(TARGETS)})")
     if rule not in rules:
         if rule in CALIBRATED_RULES:
-            raise ActsparseError(f"rule '{rule}' needs a per-layer tau calibrated on a stored run and is not "
+            raise ActsparseError(f"rule '{rule}' needs a per-layer calibrated tau (from a stored run) and is not "
                                  f"supported here (choose {', '.join(rules)})")
         raise ActsparseError(f"unknown rule '{rule}' (choose {', '.join(rules)})")
     for v in values:

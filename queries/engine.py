@@ -277,6 +277,18 @@ class Store:
             raise ActsparseError(f"run {left[0]} is left out of the tables: {self.left_out[left[0]]}")
         return fmt.match_run(ref, self.run_ids)
 
+    def _scan_tokens(self, run_id: str, paths: list[str]):
+        """One run's token parts with every column of the tokens view (``views.TOKEN_DEFAULTS`` where its kind has
+        none), as the SQL view shows them."""
+        import polars as pl
+
+        have = {c for c, _ in fmt.token_columns(self._files.kinds[run_id])}
+        schema = pl.from_arrow(fmt.arrow_schema(fmt.ALL_TOKEN_COLUMNS).empty_table()).schema
+        missing = [pl.lit(views.TOKEN_DEFAULTS.get(c), dtype=schema[c]).alias(c) for c, _ in fmt.ALL_TOKEN_COLUMNS
+                   if c not in have]
+        return self._scan_files(paths).with_columns(*missing, run_id=pl.lit(run_id)).select(
+            "run_id", *(c for c, _ in fmt.ALL_TOKEN_COLUMNS))
+
     def scan(self, table: str):
         """A polars LazyFrame over one table (file-backed tables are scanned lazily, not loaded).
 
@@ -290,8 +302,7 @@ class Store:
         if table == "layers":
             return self._scan_layers()
         if table == "tokens":
-            frames = [self._scan_files(p).with_columns(run_id=pl.lit(rid)).select("run_id", pl.exclude("run_id"))
-                      for rid, p in self._files.by_view["tokens"].items() if p]
+            frames = [self._scan_tokens(rid, p) for rid, p in self._files.by_view["tokens"].items() if p]
             return pl.concat(frames) if frames else self.sql("SELECT * FROM tokens").lazy()
         if table == "token_stats":
             paths = self.files(table)

@@ -217,14 +217,18 @@ def layers_sql() -> str:
 TOKENS_VIEW_COLUMNS = (("run_id", "VARCHAR"), *fmt.ALL_TOKEN_COLUMNS)
 # What the tokens view shows where a run's token parts lack a column: a run of text is all prefill at step 0
 # (docs/paper-notes.md §1.4: a single forward pass counts as prefill); the diffusion columns are null elsewhere.
-_TOKEN_DEFAULTS = {"phase": "'prefill'", "step": "0"}
+TOKEN_DEFAULTS = {"phase": "prefill", "step": 0}
 
 
 def _token_select(kind: str) -> str:
     """The columns of the tokens view from the token parts of a run of ``kind``, in ``ALL_TOKEN_COLUMNS`` order."""
     have = {c for c, _ in fmt.token_columns(kind)}
-    return ", ".join(c if c in have else f"CAST({_TOKEN_DEFAULTS.get(c, 'NULL')} AS {t}) AS {c}"
-                     for c, t in fmt.ALL_TOKEN_COLUMNS)
+
+    def default(c: str) -> str:
+        v = TOKEN_DEFAULTS.get(c)
+        return "NULL" if v is None else lit(v) if isinstance(v, str) else str(v)
+
+    return ", ".join(c if c in have else f"CAST({default(c)} AS {t}) AS {c}" for c, t in fmt.ALL_TOKEN_COLUMNS)
 
 
 def file_view_sql(view: str, files: StoreFiles, location) -> str:

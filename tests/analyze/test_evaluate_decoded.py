@@ -100,7 +100,7 @@ def test_the_flattened_top_p_inside_the_loop(tiny_llada):
 
 
 @pytest.mark.parametrize("decoding, rule, message", [
-    (GenerationSpec(4), "top-p-flat", "unknown rule 'top-p-flat' \\(choose top-p, top-k, max-p\\)"),
+    (GenerationSpec(4), "top-p-flat", "unknown rule 'top-p-flat' \\(choose top-p, top-k, max-p, wina-top-k, wina-top-p\\)"),
     (LLADA, "threshold", "needs a per-layer calibrated tau"),
     (GenerationSpec(4), "top-p", "grid is empty"),
 ])

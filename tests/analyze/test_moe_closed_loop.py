@@ -104,7 +104,7 @@ def test_every_point_must_fire_once_per_batch():
             sp.end_batch()
         model("olmoe")(IDS)
         assert sp.end_batch() is None
-    with pytest.raises(ActsparseError, match="not supported in closed loop"):
+    with pytest.raises(ActsparseError, match="not supported here"):
         MoESparsifier(arch, "up", "threshold", 0.1)
 
 

@@ -187,7 +187,8 @@ def check_in_browser(exe: str, page: Path, profile: Path) -> list[list]:
 
 
 def expected_stems(run_ids: list[str], closed: bool) -> set[str]:
-    stems = {"fig-critical-sparsity", "fig-error-vs-sparsity"}
+    # size scaling is drawn whenever a run records its parameter count, as every collection now does
+    stems = {"fig-critical-sparsity", "fig-error-vs-sparsity", "fig-size-scaling"}
     for rid in run_ids:
         stems |= {f"fig-{kind}-{rid}" for kind in ("sparsity-vs-topp", "heatmap", "magnitudes", "position")}
     return stems | ({"fig-closed-loop-accuracy"} if closed else set())

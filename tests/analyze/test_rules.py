@@ -296,7 +296,7 @@ def test_rule_mask_dispatches():
     assert torch.equal(rule_mask("top-k", a, 0.3), topk_mask(a, 0.3))
     assert torch.equal(rule_mask("max-p", a, 0.3), maxp_mask(a, 0.3))
     assert torch.equal(rule_mask("threshold", a, 0.3), threshold_mask(a, 0.3))
-    assert RULES == ("top-p", "top-k", "max-p", "threshold")
+    assert RULES == ("top-p", "top-k", "max-p", "threshold", "wina-top-k", "wina-top-p", "cett")
 
 
 def test_default_grid_is_the_papers():
