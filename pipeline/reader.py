@@ -382,8 +382,7 @@ class Run:
         return LayerWeights(self._weights, index, names)
 
     def tokens(self):
-        """The token table as a polars DataFrame (the run's ``Manifest.token_columns``: ``core.format.TOKENS_COLUMNS``,
-        plus phase and step columns for generation and diffusion runs).
+        """The token table as a polars DataFrame (the columns of the run's kind: ``Manifest.token_columns``).
 
         Raises:
             ActsparseError: a token part is missing (a damaged store: ``actsparse verify`` names it).
