@@ -1,5 +1,5 @@
 # actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
-#             | bench-rank | bench-allocate | bench-scale | bench-moe | bench-tasks | fuzz
+#             | bench-rank | bench-allocate | bench-scale | bench-moe | bench-tasks | bench-decoding | fuzz
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -18,7 +18,7 @@ SRC_LIST := $(VENV)/.actsparse-sources
 $(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
 .PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate \
-	bench-scale bench-moe bench-tasks bench fuzz clean
+	bench-scale bench-moe bench-tasks bench-decoding bench fuzz clean
 
 install: $(LINKED)
 
@@ -83,7 +83,10 @@ bench-moe: install
 bench-tasks: install
 	$(BIN)/python bench/bench_tasks.py
 
-bench: bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate bench-scale bench-moe bench-tasks
+bench-decoding: install
+	$(BIN)/python bench/bench_decoding.py
+
+bench: bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate bench-scale bench-moe bench-tasks bench-decoding
 
 clean:
 	rm -rf $(DEMO_STORE) $(DEMO_OUT) bench-out .pytest_cache build
