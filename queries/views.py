@@ -142,7 +142,9 @@ class StoreFiles:
         ``checksums.json``, plus whatever a listing offers.
         """
         base = fmt.run_path(rid)
-        listed = {r for r in self._listed[rid] or () if fnmatch.fnmatchcase(r, pattern)}
+        # as a directory glob: `*` stays within one folder (evaluate-<id>/value-*.parquet parts are not results)
+        listed = {r for r in self._listed[rid] or ()
+                  if fnmatch.fnmatchcase(r, pattern) and r.count("/") == pattern.count("/")}
         if self.local:
             root = Path(self.reader.path(base))
             found = {p.relative_to(root).as_posix() for p in root.glob(pattern)}

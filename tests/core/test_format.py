@@ -33,6 +33,7 @@ def test_manifest_round_trips_key_for_key(manifest_dict):
     assert m.to_dict() == manifest_dict
     assert m.complete and m.n_parts == -(-m.n_tokens // m.chunk_tokens) and m.sites == tuple(manifest_dict["arrays"])
     assert m.catalogue_row()["n_layers"] == manifest_dict["model"]["ffn"]["n_layers"]
+    assert m.catalogue_row()["sites"] == manifest_dict["config"]["sites"]  # a list, in the order collected
 
 
 def _set(d: dict, dotted: str, value) -> dict:
