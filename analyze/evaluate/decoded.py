@@ -37,7 +37,7 @@ import torch
 
 from actsparse.analyze.evaluate.bootstrap import _interval, _resample_counts
 from actsparse.analyze.evaluate.config import N_BOOT, SPLIT
-from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum
+from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, with_run
 from actsparse.analyze.sparsifier import DIFFUSION_RULES, UNCALIBRATED_RULES, Sparsifier, check_closed_loop
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
@@ -161,19 +161,10 @@ def evaluate_decoded(cfg: DecodedEvalConfig, store: str | Path | None = None, ru
     from actsparse.pipeline.corpora import open_corpus
     from actsparse.pipeline.decoding import plan_decoder
     from actsparse.pipeline.models import load_tokenizer, resolve_model
-    from actsparse.pipeline.reader import StoreReader
     from actsparse.pipeline.windows import batches, iter_windows
 
     cfg.validate()
-    manifest = None
-    if run is not None:
-        if store is None:
-            raise ActsparseError("--run needs --store (the store holding the run)")
-        manifest = StoreReader(str(store)).run(run).manifest
-        cfg = dataclasses.replace(cfg, model=cfg.model or manifest.model_spec,
-                                  corpus=cfg.corpus or manifest.corpus.spec)
-    if cfg.model is None or cfg.corpus is None:
-        raise ActsparseError("evaluate needs --model and --corpus (or --run with --store to use the run's)")
+    cfg, manifest = with_run(cfg, store, run)
     resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tok, mcfg = load_tokenizer(resolved, seq_len=cfg.seq_len)
     corpus = open_corpus(cfg.corpus, text_field=cfg.text_field)

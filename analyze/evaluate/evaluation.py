@@ -3,7 +3,6 @@ finishes so that a killed evaluation resumes and a later call with more values r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from actsparse.analyze.evaluate.config import (
 )
 from actsparse.analyze.evaluate.experts import expert_table
 from actsparse.analyze.evaluate.lm import Batch, LMHead, make_batch, token_metrics
-from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, done_values
+from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, done_values, with_run
 from actsparse.analyze.sparsifier import Sparsifier, hook_points, per_hook
 from actsparse.core import format as fmt
 from actsparse.core.errors import ActsparseError
@@ -140,19 +139,10 @@ def _plan(cfg: EvalConfig, store, run: str | None) -> _Job:
     """Validate, resolve the model and corpus (the run's where given), cut the held-out windows into batches."""
     from actsparse.pipeline.corpora import open_corpus
     from actsparse.pipeline.models import load_tokenizer, resolve_model
-    from actsparse.pipeline.reader import StoreReader
     from actsparse.pipeline.windows import iter_windows
 
     cfg.validate()
-    manifest = None
-    if run is not None:
-        if store is None:
-            raise ActsparseError("--run needs --store (the store holding the run)")
-        manifest = StoreReader(str(store)).run(run).manifest
-        cfg = dataclasses.replace(cfg, model=cfg.model or manifest.model_spec,
-                                  corpus=cfg.corpus or manifest.corpus.spec)
-    if cfg.model is None or cfg.corpus is None:
-        raise ActsparseError("evaluate needs --model and --corpus (or --run with --store to use the run's)")
+    cfg, manifest = with_run(cfg, store, run)
 
     resolved = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tok, _ = load_tokenizer(resolved, seq_len=cfg.seq_len)

@@ -41,6 +41,29 @@ def done_values(parts: Path) -> dict[float, Path]:
     return done
 
 
+def with_run(cfg, store, run: str | None):
+    """``(cfg, manifest)``: an evaluation config (any dataclass with ``model`` and ``corpus``) with the model and
+    corpus of stored run ``run`` where it names none, and the run's manifest (None without ``run``).
+
+    Raises:
+        ActsparseError: ``run`` without ``store``, an unknown run, or neither a model and corpus nor a run.
+    """
+    import dataclasses
+
+    from actsparse.pipeline.reader import StoreReader
+
+    manifest = None
+    if run is not None:
+        if store is None:
+            raise ActsparseError("--run needs --store (the store holding the run)")
+        manifest = StoreReader(str(store)).run(run).manifest
+        cfg = dataclasses.replace(cfg, model=cfg.model or manifest.model_spec,
+                                  corpus=cfg.corpus or manifest.corpus.spec)
+    if cfg.model is None or cfg.corpus is None:
+        raise ActsparseError("evaluate needs --model and --corpus (or --run with --store to use the run's)")
+    return cfg, manifest
+
+
 def check_against_run(m: fmt.Manifest, model: str, weights_sha256: str, corpus: str, corpus_sha256: str) -> None:
     """Refuse a model or corpus whose content is not the run's (specs may differ: a path vs an alias).
 
