@@ -233,20 +233,9 @@ def test_a_store_of_generation_and_diffusion_runs_holds_only_what_the_format_def
     m = json.loads((store / fmt.run_path(ids["generation"], fmt.MANIFEST)).read_text())
     evaluate_decoded(DecodedEvalConfig(GenerationSpec(3), model=m["config"]["model"], corpus=m["corpus"]["spec"],
                                        grid=(0.9,), max_tokens=48, seq_len=24), store, n_boot=5, log=lambda m: None)
-    seen = set()
-    for p in sorted(store.rglob("*")):
-        rel = p.relative_to(store).as_posix()
-        if p.is_dir() or p.name in fmt.LOCKS:
-            continue
-        described = fmt.describe_path(rel)
-        assert described is not None, f"{rel} is not defined by the store format"
-        what, columns = described
-        seen.add(what)
-        if rel.endswith(".parquet"):
-            written = pq.read_schema(p).names
-            assert columns is not None and set(written) <= {c for c, _ in columns}, (rel, written)
-            if what == "token part":
-                kind = json.loads((p.parents[1] / fmt.MANIFEST).read_text())["config"]["decoding"]["kind"]
-                assert written == [c for c, _ in fmt.token_columns(kind)]
+    seen = kinds_in(store)
+    for p in sorted(store.glob(f"{fmt.RUNS}/*/{fmt.TOKENS}/*.parquet")):  # token parts have their kind's columns
+        kind = json.loads((p.parents[1] / fmt.MANIFEST).read_text())["config"]["decoding"]["kind"]
+        assert pq.read_schema(p).names == [c for c, _ in fmt.token_columns(kind)]
     assert {"result: step_sparsity", "result: step_stability", "result: generation_evaluations"} <= seen
     assert (store / fmt.EVALUATIONS / "").is_dir()
