@@ -995,6 +995,7 @@ class Manifest:
             raise ActsparseError(f"run {self.run_id} has no array '{name}' (stored: {', '.join(self.array_names)})")
         return spec
 
+    @property
     def collected_sites(self) -> list[str]:
         """The stored sites in the order the collection config lists them (``sites`` is in manifest order)."""
         given = self.config.get("sites")

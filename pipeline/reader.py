@@ -382,7 +382,7 @@ class Run:
         return LayerWeights(self._weights, index, names)
 
     def tokens(self):
-        """The token table as a polars DataFrame (``actsparse.core.format.TOKENS_COLUMNS``).
+        """The token table as a polars DataFrame (``Manifest.token_columns``: by the run's kind).
 
         Raises:
             ActsparseError: a token part is missing (a damaged store: ``actsparse verify`` names it).
@@ -400,7 +400,7 @@ class Run:
                 raise ActsparseError(f"{rel} is missing from {self.store.url}; "
                                      "check the store with `actsparse verify`") from None
             try:
-                table = pq.read_table(pa.BufferReader(raw), schema=fmt.arrow_schema(fmt.TOKENS_COLUMNS))
+                table = pq.read_table(pa.BufferReader(raw), schema=fmt.arrow_schema(self.manifest.token_columns))
             except (pa.ArrowException, ValueError) as e:
                 why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise ActsparseError(f"{rel} in {self.store.url} is not a readable token part ({why}); "
