@@ -9,7 +9,7 @@ closed-loop step (the tour's ``evaluate`` makes one). It holds exactly the run o
 command is the no-op it is on a store where the run exists.
 
 Only these are substituted: the store ``S`` (and ``SRC`` of ``merge``) by the store's path, and the run ids the
-README shows (``805f``, ``805fcbcd599ec91c``, ``<id>``) by the store's run id. Options in brackets (``[--run ID
+README shows (``fda3``, ``fda357f44b81db7b``, ``<id>``) by the store's run id. Options in brackets (``[--run ID
 …]``) are optional and left out; ``# …`` comments are dropped; ``a && b`` runs ``b`` only after ``a`` succeeded.
 Each command must exit 0, print no traceback and no ``error:`` line.
 
@@ -32,7 +32,7 @@ from tests.helpers import ROOT
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 TOUR_TOKENS = 512  # the tour's `collect --max-tokens`: the store below holds the run it names
-RUN_IDS = ("805fcbcd599ec91c", "805f", "<id>")  # how the README writes a run id
+RUN_IDS = ("fda357f44b81db7b", "fda3", "<id>")  # how the README writes a run id
 STORES = ("S", "SRC")  # how the README writes the store a command reads
 
 # A substring of a command (or of the first command of a block: the whole block) -> why it does not run here.
@@ -95,7 +95,7 @@ def argv(cmd: str, store: Path, run_id: str) -> list[list[str]]:
     """The argument lists of ``cmd`` (split at ``&&``) with the substitutions of the module docstring."""
     cmd = re.sub(r"\s*\[[^\]\n]*\]", "", cmd)
     words = [store.as_posix() if w in STORES else run_id if w in RUN_IDS else
-             w.replace("=805f", f"={run_id}") for w in shlex.split(cmd, comments=True)]
+             w.replace("=fda3", f"={run_id}") for w in shlex.split(cmd, comments=True)]
     parts: list[list[str]] = [[]]
     for w in words:
         if w == "&&":
@@ -124,7 +124,7 @@ def test_the_readme_parser_finds_the_tour_and_joins_continued_lines():
     assert sql.count("\n") == 2 and argv(sql, Path("/s"), "r")[0][:2] == ["actsparse", "sql"]
     assert argv("actsparse verify S && actsparse pack S corpus.tar [--run ID …]  # x", Path("/s"), "r") == [
         ["actsparse", "verify", "/s"], ["actsparse", "pack", "/s", "corpus.tar"]]
-    assert argv("actsparse query q S --param run=805f", Path("/s"), "abc") == [
+    assert argv("actsparse query q S --param run=fda3", Path("/s"), "abc") == [
         ["actsparse", "query", "q", "/s", "--param", "run=abc"]]
     # every skip reason still names a command of the README
     assert all(any(k in c.text for c in cmds) for k in SKIP), [k for k in SKIP if not any(k in c.text for c in cmds)]
