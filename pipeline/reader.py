@@ -288,11 +288,25 @@ class Run:
             ActsparseError: the site was not stored in this run.
         """
         if site in self.manifest.moe_arrays:
-            return self._arrays[site]
+            return self._open(site)
         if site not in self.sites:
             raise ActsparseError(f"run {self.run_id} has no site '{site}' (stored: {', '.join(self.sites)}); "
                                  f"collect it with --sites {','.join(sorted(set(self.sites) | {site}))}")
-        return self._arrays[site]
+        return self._open(site)
+
+    def _open(self, name: str):
+        """The zarr array ``name`` of the run's activations group.
+
+        Raises:
+            ActsparseError: the group's or the array's ``zarr.json`` is missing, not JSON or not zarr metadata
+                (zarr raises JSONDecodeError, KeyError or its own errors for these).
+        """
+        try:
+            return self._arrays[name]
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            why = str(e).splitlines()[0][:200] if str(e) else "no detail"
+            raise ActsparseError(f"run {self.run_id}: cannot open its {name} array ({type(e).__name__}: {why}); "
+                                 "`actsparse verify` checks the store") from None
 
     def read(self, site: str, layer: int, start: int = 0, stop: int | None = None, *, to: str = "float32"):
         """Dense activations of one layer as a torch tensor ``[stop-start, width]`` (float32 by default).
@@ -333,7 +347,7 @@ class Run:
             raise ActsparseError(f"run {self.run_id}: layer {layer} is a {'dense' if group == fmt.DENSE else 'MoE'} "
                                  f"layer; array {name} does not cover it")
         try:
-            block = self._arrays[name][index, start:stop]
+            block = self._open(name)[index, start:stop]
         except (ValueError, RuntimeError, OSError) as e:  # zarr's crc32c check, blosc, the filesystem
             raise ActsparseError(f"run {self.run_id}: cannot read {name} layer {layer} tokens {start}:"
                                  f"{stop or self.n_tokens} ({type(e).__name__}); `actsparse verify` checks the store"

@@ -59,3 +59,16 @@ def test_a_damaged_run_is_left_out_of_listings_and_named_when_opened(two_model_s
     (copy / fmt.run_path(a, fmt.token_part(1))).unlink()
     with pytest.raises(ActsparseError, match="tokens/part-000001.parquet is missing"):
         st.run(a).tokens()
+
+
+def test_damaged_zarr_metadata_is_one_error_naming_the_run(two_model_store, tmp_path):
+    # found by `make fuzz`: a flipped activations.zarr/zarr.json made `report` end in zarr's JSONDecodeError
+    path, a, b = two_model_store
+    copy = Path(shutil.copytree(path, tmp_path / "S"))
+    group = copy / fmt.run_path(a, fmt.ACTIVATIONS) / "zarr.json"
+    group.write_bytes(b"\x00" + group.read_bytes()[1:])
+    with pytest.raises(ActsparseError, match=f"run {a}: cannot open its gate array \\(JSONDecodeError"):
+        StoreReader(str(copy)).run(a).read("gate", 0)
+    group.unlink()
+    with pytest.raises(ActsparseError, match=f"run {a}: cannot open its gate array"):
+        StoreReader(str(copy)).run(a).read("gate", 0)
