@@ -218,7 +218,11 @@ def _rewrite_archive(src: Path, dst: Path, damages: list[tuple], run_id: str) ->
     raw_post = []
     for kind, where, byte in damages:
         index_at = next(i for i, (m, _) in enumerate(members) if m.name == "archive.json")
-        index = json.loads(members[index_at][1])
+        try:
+            index = json.loads(members[index_at][1])
+        except ValueError:  # garbage from an earlier damage of the case: the victims come from the members
+            index = {"members": {m.name: {"size": len(d)} for m, d in members if d is not None and m is not
+                                 members[index_at][0]}}
         names = sorted(index["members"])
         victim = names[min(int(where * len(names)), len(names) - 1)]
 
