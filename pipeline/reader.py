@@ -304,8 +304,7 @@ class Run:
         try:
             return self._arrays[name]
         except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-            why = str(e).splitlines()[0][:200] if str(e) else "no detail"
-            raise ActsparseError(f"run {self.run_id}: cannot open its {name} array ({type(e).__name__}: {why}); "
+            raise ActsparseError(f"run {self.run_id}: cannot open its {name} array ({_why(e)}); "
                                  "`actsparse verify` checks the store") from None
 
     def read(self, site: str, layer: int, start: int = 0, stop: int | None = None, *, to: str = "float32"):
@@ -369,14 +368,23 @@ class Run:
     def _weights(self):
         import zarr
 
-        return zarr.open_group(self._zarr_store(fmt.weights_path(self.manifest.weights_id, fmt.WEIGHTS)), mode="r",
-                               zarr_format=3)
+        try:
+            group = zarr.open_group(self._zarr_store(fmt.weights_path(self.manifest.weights_id, fmt.WEIGHTS)),
+                                    mode="r", zarr_format=3)
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            raise ActsparseError(f"{self._weights_name}: cannot open them ({_why(e)}); "
+                                 "`actsparse verify` checks the store") from None
+        return group
+
+    @property
+    def _weights_name(self) -> str:
+        return f"weights {self.manifest.weights_id} of run {self.run_id}"
 
     def weights(self, layer: int) -> LayerWeights:
         """FFN weights of a layer: a read-only mapping of name (``gate``, ``up``, ``down``, biases) to a
         float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
         of the intermediate target needs ``down`` only, a sweep without error none)."""
-        return LayerWeights(self._weights, layer)
+        return LayerWeights(self._weights, layer, where=self._weights_name)
 
     def expert_weights(self, layer: int) -> LayerWeights:
         """The stored FFN weights of one decoder layer of a mixture-of-experts run, read lazily
@@ -393,7 +401,7 @@ class Run:
         prefix = "dense_" if group == fmt.DENSE else ""
         names = {n.removeprefix(prefix): n for n in self._weights.array_keys()
                  if n.startswith(prefix) and (prefix or not n.startswith("dense_"))}
-        return LayerWeights(self._weights, index, names)
+        return LayerWeights(self._weights, index, names, where=self._weights_name)
 
     def tokens(self):
         """The token table as a polars DataFrame (``Manifest.token_columns``: by the run's kind).
@@ -431,15 +439,23 @@ class Run:
         return self.tokens()["special"].to_numpy()
 
 
+def _why(e: BaseException) -> str:
+    """An exception as ``Type: first line`` for a one-line error."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}"
+
+
 class LayerWeights(Mapping):
     """One layer's stored FFN weights, read lazily and kept: ``w["down"]`` is float32 ``[d_model, d_ff]``.
 
     Thread-safe (analysis workers share one per layer); ``in``, ``get`` and iteration list the stored
-    names without reading anything.
+    names without reading anything. ``where`` names the weights in errors.
+
+    Raises:
+        ActsparseError: a stored array cannot be read or decoded (damaged metadata or chunk), naming ``where``.
     """
 
-    def __init__(self, group, layer: int, names: Mapping[str, str] | None = None):
-        self._group, self._layer = group, layer
+    def __init__(self, group, layer: int, names: Mapping[str, str] | None = None, where: str = "weights"):
+        self._group, self._layer, self._where = group, layer, where
         # the names this mapping offers -> the stored array names (a dense layer of a MoE run: dense_gate -> gate)
         self._stored = dict(names) if names is not None else {n: n for n in group.array_keys()}
         self._names = tuple(sorted(self._stored))
@@ -453,8 +469,16 @@ class LayerWeights(Mapping):
             if name not in self._loaded:
                 if name not in self._stored:
                     raise KeyError(name)
-                self._loaded[name] = torch.from_numpy(np.asarray(self._group[self._stored[name]][self._layer]))
+                try:
+                    data = np.asarray(self._group[self._stored[name]][self._layer])
+                except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:  # crc32c, blosc, metadata
+                    raise ActsparseError(f"{self._where}: cannot read {name} of layer "
+                                         f"{self._layer} ({_why(e)}); `actsparse verify` checks the store") from None
+                self._loaded[name] = torch.from_numpy(data)
             return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the array
+        return name in self._stored
 
     def __iter__(self):
         return iter(self._names)

@@ -72,3 +72,17 @@ def test_damaged_zarr_metadata_is_one_error_naming_the_run(two_model_store, tmp_
     group.unlink()
     with pytest.raises(ActsparseError, match=f"run {a}: cannot open its gate array"):
         StoreReader(str(copy)).run(a).read("gate", 0)
+
+
+def test_damaged_weights_are_one_error_naming_them(two_model_store, tmp_path):
+    # found by `make fuzz`: a flipped chunk of the stored down projection made `report` end in a blosc traceback
+    path, a, b = two_model_store
+    copy = Path(shutil.copytree(path, tmp_path / "S"))
+    run = StoreReader(str(copy)).run(a)
+    chunk = copy / fmt.weights_path(run.manifest.weights_id, fmt.WEIGHTS) / "down" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(bytes([chunk.read_bytes()[0] ^ 1]) + chunk.read_bytes()[1:])
+    w = run.weights(0)
+    assert "down" in w  # listing reads nothing
+    with pytest.raises(ActsparseError, match=f"weights {run.manifest.weights_id} of run {a}: cannot read down of "
+                                             "layer 0 \\(RuntimeError"):
+        w["down"]
