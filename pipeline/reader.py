@@ -384,7 +384,19 @@ class Run:
         """FFN weights of a layer: a read-only mapping of name (``gate``, ``up``, ``down``, biases) to a
         float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
         of the intermediate target needs ``down`` only, a sweep without error none)."""
-        return LayerWeights(self._weights, layer, where=self._weights_name)
+        return LayerWeights(self._weights, layer, {n: n for n in self._weight_keys()}, where=self._weights_name)
+
+    def _weight_keys(self) -> list[str]:
+        """The names of the stored weight arrays (reading each one's ``zarr.json``).
+
+        Raises:
+            ActsparseError: a metadata file is missing or damaged, naming the weights and the run.
+        """
+        try:
+            return list(self._weights.array_keys())
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            raise ActsparseError(f"{self._weights_name}: cannot list them ({_why(e)}); "
+                                 "`actsparse verify` checks the store") from None
 
     def expert_weights(self, layer: int) -> LayerWeights:
         """The stored FFN weights of one decoder layer of a mixture-of-experts run, read lazily
@@ -399,7 +411,7 @@ class Run:
             raise ActsparseError(f"run {self.run_id} is not a mixture-of-experts run; its weights: Run.weights")
         group, index = self.moe.position(layer)
         prefix = "dense_" if group == fmt.DENSE else ""
-        names = {n.removeprefix(prefix): n for n in self._weights.array_keys()
+        names = {n.removeprefix(prefix): n for n in self._weight_keys()
                  if n.startswith(prefix) and (prefix or not n.startswith("dense_"))}
         return LayerWeights(self._weights, index, names, where=self._weights_name)
 

@@ -86,3 +86,7 @@ def test_damaged_weights_are_one_error_naming_them(two_model_store, tmp_path):
     with pytest.raises(ActsparseError, match=f"weights {run.manifest.weights_id} of run {a}: cannot read down of "
                                              "layer 0 \\(RuntimeError"):
         w["down"]
+    meta = chunk.parents[3] / "zarr.json"  # found by the next `make fuzz`: a damaged array's metadata
+    meta.write_bytes(b"\x00" + meta.read_bytes()[1:])
+    with pytest.raises(ActsparseError, match=f"weights {run.manifest.weights_id} of run {a}: cannot list them"):
+        StoreReader(str(copy)).run(a).weights(0)
