@@ -288,11 +288,24 @@ class Run:
             ActsparseError: the site was not stored in this run.
         """
         if site in self.manifest.moe_arrays:
-            return self._arrays[site]
+            return self._open(site)
         if site not in self.sites:
             raise ActsparseError(f"run {self.run_id} has no site '{site}' (stored: {', '.join(self.sites)}); "
                                  f"collect it with --sites {','.join(sorted(set(self.sites) | {site}))}")
-        return self._arrays[site]
+        return self._open(site)
+
+    def _open(self, name: str):
+        """The zarr array ``name`` of the run's activations group.
+
+        Raises:
+            ActsparseError: the group's or the array's ``zarr.json`` is missing, not JSON or not zarr metadata
+                (zarr raises JSONDecodeError, KeyError or its own errors for these).
+        """
+        try:
+            return self._arrays[name]
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            raise ActsparseError(f"run {self.run_id}: cannot open its {name} array ({_why(e)}); "
+                                 "`actsparse verify` checks the store") from None
 
     def read(self, site: str, layer: int, start: int = 0, stop: int | None = None, *, to: str = "float32"):
         """Dense activations of one layer as a torch tensor ``[stop-start, width]`` (float32 by default).
@@ -333,7 +346,7 @@ class Run:
             raise ActsparseError(f"run {self.run_id}: layer {layer} is a {'dense' if group == fmt.DENSE else 'MoE'} "
                                  f"layer; array {name} does not cover it")
         try:
-            block = self._arrays[name][index, start:stop]
+            block = self._open(name)[index, start:stop]
         except (ValueError, RuntimeError, OSError) as e:  # zarr's crc32c check, blosc, the filesystem
             raise ActsparseError(f"run {self.run_id}: cannot read {name} layer {layer} tokens {start}:"
                                  f"{stop or self.n_tokens} ({type(e).__name__}); `actsparse verify` checks the store"
@@ -355,14 +368,35 @@ class Run:
     def _weights(self):
         import zarr
 
-        return zarr.open_group(self._zarr_store(fmt.weights_path(self.manifest.weights_id, fmt.WEIGHTS)), mode="r",
-                               zarr_format=3)
+        try:
+            group = zarr.open_group(self._zarr_store(fmt.weights_path(self.manifest.weights_id, fmt.WEIGHTS)),
+                                    mode="r", zarr_format=3)
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            raise ActsparseError(f"{self._weights_name}: cannot open them ({_why(e)}); "
+                                 "`actsparse verify` checks the store") from None
+        return group
+
+    @property
+    def _weights_name(self) -> str:
+        return f"weights {self.manifest.weights_id} of run {self.run_id}"
 
     def weights(self, layer: int) -> LayerWeights:
         """FFN weights of a layer: a read-only mapping of name (``gate``, ``up``, ``down``, biases) to a
         float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
         of the intermediate target needs ``down`` only, a sweep without error none)."""
-        return LayerWeights(self._weights, layer)
+        return LayerWeights(self._weights, layer, {n: n for n in self._weight_keys()}, where=self._weights_name)
+
+    def _weight_keys(self) -> list[str]:
+        """The names of the stored weight arrays (reading each one's ``zarr.json``).
+
+        Raises:
+            ActsparseError: a metadata file is missing or damaged, naming the weights and the run.
+        """
+        try:
+            return list(self._weights.array_keys())
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            raise ActsparseError(f"{self._weights_name}: cannot list them ({_why(e)}); "
+                                 "`actsparse verify` checks the store") from None
 
     def expert_weights(self, layer: int) -> LayerWeights:
         """The stored FFN weights of one decoder layer of a mixture-of-experts run, read lazily
@@ -377,9 +411,9 @@ class Run:
             raise ActsparseError(f"run {self.run_id} is not a mixture-of-experts run; its weights: Run.weights")
         group, index = self.moe.position(layer)
         prefix = "dense_" if group == fmt.DENSE else ""
-        names = {n.removeprefix(prefix): n for n in self._weights.array_keys()
+        names = {n.removeprefix(prefix): n for n in self._weight_keys()
                  if n.startswith(prefix) and (prefix or not n.startswith("dense_"))}
-        return LayerWeights(self._weights, index, names)
+        return LayerWeights(self._weights, index, names, where=self._weights_name)
 
     def tokens(self):
         """The token table as a polars DataFrame (the columns of the run's kind: ``Manifest.token_columns``).
@@ -417,15 +451,23 @@ class Run:
         return self.tokens()["special"].to_numpy()
 
 
+def _why(e: BaseException) -> str:
+    """An exception as ``Type: first line`` for a one-line error."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}"
+
+
 class LayerWeights(Mapping):
     """One layer's stored FFN weights, read lazily and kept: ``w["down"]`` is float32 ``[d_model, d_ff]``.
 
     Thread-safe (analysis workers share one per layer); ``in``, ``get`` and iteration list the stored
-    names without reading anything.
+    names without reading anything. ``where`` names the weights in errors.
+
+    Raises:
+        ActsparseError: a stored array cannot be read or decoded (damaged metadata or chunk), naming ``where``.
     """
 
-    def __init__(self, group, layer: int, names: Mapping[str, str] | None = None):
-        self._group, self._layer = group, layer
+    def __init__(self, group, layer: int, names: Mapping[str, str] | None = None, where: str = "weights"):
+        self._group, self._layer, self._where = group, layer, where
         # the names this mapping offers -> the stored array names (a dense layer of a MoE run: dense_gate -> gate)
         self._stored = dict(names) if names is not None else {n: n for n in group.array_keys()}
         self._names = tuple(sorted(self._stored))
@@ -439,8 +481,16 @@ class LayerWeights(Mapping):
             if name not in self._loaded:
                 if name not in self._stored:
                     raise KeyError(name)
-                self._loaded[name] = torch.from_numpy(np.asarray(self._group[self._stored[name]][self._layer]))
+                try:
+                    data = np.asarray(self._group[self._stored[name]][self._layer])
+                except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:  # crc32c, blosc, metadata
+                    raise ActsparseError(f"{self._where}: cannot read {name} of layer "
+                                         f"{self._layer} ({_why(e)}); `actsparse verify` checks the store") from None
+                self._loaded[name] = torch.from_numpy(data)
             return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the array
+        return name in self._stored
 
     def __iter__(self):
         return iter(self._names)

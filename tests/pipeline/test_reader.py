@@ -59,3 +59,34 @@ def test_a_damaged_run_is_left_out_of_listings_and_named_when_opened(two_model_s
     (copy / fmt.run_path(a, fmt.token_part(1))).unlink()
     with pytest.raises(ActsparseError, match="tokens/part-000001.parquet is missing"):
         st.run(a).tokens()
+
+
+def test_damaged_zarr_metadata_is_one_error_naming_the_run(two_model_store, tmp_path):
+    # found by `make fuzz`: a flipped activations.zarr/zarr.json made `report` end in zarr's JSONDecodeError
+    path, a, b = two_model_store
+    copy = Path(shutil.copytree(path, tmp_path / "S"))
+    group = copy / fmt.run_path(a, fmt.ACTIVATIONS) / "zarr.json"
+    group.write_bytes(b"\x00" + group.read_bytes()[1:])
+    with pytest.raises(ActsparseError, match=f"run {a}: cannot open its gate array \\(JSONDecodeError"):
+        StoreReader(str(copy)).run(a).read("gate", 0)
+    group.unlink()
+    with pytest.raises(ActsparseError, match=f"run {a}: cannot open its gate array"):
+        StoreReader(str(copy)).run(a).read("gate", 0)
+
+
+def test_damaged_weights_are_one_error_naming_them(two_model_store, tmp_path):
+    # found by `make fuzz`: a flipped chunk of the stored down projection made `report` end in a blosc traceback
+    path, a, b = two_model_store
+    copy = Path(shutil.copytree(path, tmp_path / "S"))
+    run = StoreReader(str(copy)).run(a)
+    chunk = copy / fmt.weights_path(run.manifest.weights_id, fmt.WEIGHTS) / "down" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(bytes([chunk.read_bytes()[0] ^ 1]) + chunk.read_bytes()[1:])
+    w = run.weights(0)
+    assert "down" in w  # listing reads nothing
+    with pytest.raises(ActsparseError, match=f"weights {run.manifest.weights_id} of run {a}: cannot read down of "
+                                             "layer 0 \\(RuntimeError"):
+        w["down"]
+    meta = chunk.parents[3] / "zarr.json"  # found by the next `make fuzz`: a damaged array's metadata
+    meta.write_bytes(b"\x00" + meta.read_bytes()[1:])
+    with pytest.raises(ActsparseError, match=f"weights {run.manifest.weights_id} of run {a}: cannot list them"):
+        StoreReader(str(copy)).run(a).weights(0)
