@@ -383,8 +383,20 @@ class Run:
     def weights(self, layer: int) -> LayerWeights:
         """FFN weights of a layer: a read-only mapping of name (``gate``, ``up``, ``down``, biases) to a
         float32 torch tensor in nn.Linear ``[out, in]`` layout, each read on first access (a sweep
-        of the intermediate target needs ``down`` only, a sweep without error none)."""
-        return LayerWeights(self._weights, layer, {n: n for n in self._weight_keys()}, where=self._weights_name)
+        of the intermediate target needs ``down`` only, a sweep without error none).
+
+        Raises:
+            ActsparseError: the stored weights lack an array the FFN has (a damaged store: zarr skips an array
+                whose metadata is unreadable), naming the weights and the run.
+        """
+        keys = self._weight_keys()
+        if self.moe is None:
+            need = ("gate", "up", "down") if self.manifest.ffn.glu else ("gate", "down")
+            missing = [n for n in need if n not in keys]
+            if missing:
+                raise ActsparseError(f"{self._weights_name}: array(s) {', '.join(missing)} missing or unreadable; "
+                                     "`actsparse verify` checks the store")
+        return LayerWeights(self._weights, layer, {n: n for n in keys}, where=self._weights_name)
 
     def _weight_keys(self) -> list[str]:
         """The names of the stored weight arrays (reading each one's ``zarr.json``).
