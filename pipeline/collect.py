@@ -61,7 +61,7 @@ from actsparse.pipeline.corpora import Corpus, open_corpus
 from actsparse.pipeline.decoding import Decoder, DiffusionSpec, GenerationSpec, plan_decoder
 from actsparse.pipeline.device import AUTO, ShardCopier, declared_dtype, forward_dtype, resolve_device, to_device
 from actsparse.pipeline.models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from actsparse.pipeline.resume import completed_shards, verified_shards
+from actsparse.pipeline.resume import completed_shards, sweep_temporaries, verified_shards
 from actsparse.pipeline.stepwise import collect_step_shards, reset_arrays
 from actsparse.pipeline.store_root import create_store, write_catalogue
 from actsparse.pipeline.windows import Window, batches, iter_windows, pad_batch
@@ -472,6 +472,7 @@ def collect_shards(run: PreparedRun, wanted: set[int], *, statistics: ShardStati
     Raises:
         ActsparseError: a hook that did not fire once per batch, a float16 overflow, a shard not written.
     """
+    sweep_temporaries(run.run_dir, wanted)
     if run.plan.decoder is not None:  # generation or diffusion: its own loop, the token count found as it runs
         return collect_step_shards(run, wanted, statistics=statistics, progress=progress)
     p, T, n_tokens = run.plan, run.plan.cfg.chunk_tokens, run.plan.n_tokens

@@ -9,13 +9,13 @@ is written again instead of being sealed into a "complete" run (docs/pitfalls.md
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from actsparse.core import format as fmt
 from actsparse.core.checksums import crc32c_file, parse_shard_record
 from actsparse.core.errors import ActsparseError
-from actsparse.core.files import NotRegularFile, read_regular
+from actsparse.core.files import TMP_SUFFIX, NotRegularFile, read_regular
 
 
 def completed_shards(run_dir: Path, n: int) -> set[int]:
@@ -73,3 +73,13 @@ def verified_shards(run_dir: Path, manifest: fmt.Manifest, *, with_stats: bool,
             log(f"run {manifest.run_id}: shard {k} cannot be trusted ({why}); writing it again")
             (run_dir / fmt.token_part(k)).unlink()
     return kept
+
+
+def sweep_temporaries(run_dir: Path, shards: Iterable[int]) -> None:
+    """Remove what a killed writer left behind of the files of ``shards`` (temporary files,
+    ``actsparse.core.files.TMP_SUFFIX``): only of the shards about to be written again, which no other writer of
+    the run holds (a cluster's workers write other shards of the same run at the same time)."""
+    for k in shards:
+        for rel in (fmt.token_part(k), fmt.shard_record(k), fmt.stats_part("*", k)):
+            for p in run_dir.glob(f"{rel}.*{TMP_SUFFIX}"):
+                p.unlink(missing_ok=True)
