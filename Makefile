@@ -1,4 +1,4 @@
-# actsparse — make install | test | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
+# actsparse — make install | test | test-readme | test-fast | lint | demo | bench-collect | bench-analyze | bench-query | bench-evaluate
 #             | bench-rank | bench-allocate | bench-scale | bench-moe | bench-tasks | bench-decoding | fuzz
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,7 +17,7 @@ SOURCES  := $(shell find api core pipeline analyze queries share executors cli -
 SRC_LIST := $(VENV)/.actsparse-sources
 $(shell mkdir -p $(VENV) && echo "$(SOURCES)" | cmp -s - $(SRC_LIST) || echo "$(SOURCES)" > $(SRC_LIST))
 
-.PHONY: install test test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate \
+.PHONY: install test test-readme test-fast lint demo bench-collect bench-analyze bench-query bench-evaluate bench-rank bench-allocate \
 	bench-scale bench-moe bench-tasks bench-decoding bench fuzz clean
 
 install: $(LINKED)
@@ -38,7 +38,11 @@ $(LINKED): $(STAMP) $(SRC_LIST)
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not readme"
+
+# every `$ actsparse ...` example of README.md, run as written on a small demo store (tests/test_readme.py)
+test-readme: install
+	$(BIN)/python -m pytest -q -m readme
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real and not slow"

@@ -29,7 +29,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.readme]
 
 TOUR_TOKENS = 512  # the tour's `collect --max-tokens`: the store below holds the run it names
 RUN_IDS = ("fda357f44b81db7b", "fda3", "<id>")  # how the README writes a run id

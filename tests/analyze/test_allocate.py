@@ -110,6 +110,7 @@ def test_allocation_from_curves_and_its_file(store, tmp_path):
         allocate(curves, "intermediate", "top-k", [0.3])
 
 
+@pytest.mark.slow
 def test_cli_allocate_then_evaluate_applies_per_layer_values(store, tmp_path):
     path, run_id = store
     f = tmp_path / "a.json"

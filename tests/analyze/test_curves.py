@@ -182,6 +182,7 @@ def test_missing_site_is_named(tiny_llama, text_corpus, tmp_path):
         compute_curves(tmp_path, res.run_id, targets=("intermediate",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--run", "ffffffff"], "unknown run"),
     (["--target", "outputs"], "unknown target"),
@@ -205,6 +206,7 @@ def test_cli_bad_input(tiny_store, args, words):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_says_when_no_grid_value_meets_the_tolerance(tiny_store):
     store, _ = tiny_store
     r = run_cli("curves", str(store), "--grid", "0.1", "--tolerance", "0", "--no-cache")
@@ -213,6 +215,7 @@ def test_cli_says_when_no_grid_value_meets_the_tolerance(tiny_store):
     assert "(rel err <= 0): no grid value keeps the error within the tolerance" in out and "nan" not in out
 
 
+@pytest.mark.slow
 def test_cli_prints_targets_in_the_order_given(tiny_store):
     store, _ = tiny_store
     r = run_cli("curves", str(store), "--target", "up,gate", "--grid", "0.5", "--no-cache", env={"COLUMNS": "200"})
@@ -221,6 +224,7 @@ def test_cli_prints_targets_in_the_order_given(tiny_store):
     assert r.stdout.index("critical sparsity up/top-p") < r.stdout.index("critical sparsity gate/top-p")
 
 
+@pytest.mark.slow
 def test_cli_newer_format_and_nan_are_reported(tiny_store, tmp_path):
     import shutil
 
@@ -241,6 +245,7 @@ def test_cli_newer_format_and_nan_are_reported(tiny_store, tmp_path):
     assert r.returncode != 0 and "newer than this actsparse reads" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.real
 def test_real_open_loop_error_equals_in_model_hook(smollm2_store):
     """Intermediate and input targets: the offline error at three p equals the error of the same layer's
@@ -286,6 +291,7 @@ def test_real_open_loop_error_equals_in_model_hook(smollm2_store):
             assert offline == pytest.approx(live, rel=0.02), (target, p, offline, live)
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_one_line_naming_it(tiny_llama, text_corpus, tmp_path):
     """A truncated shard file: zarr's checksum refuses it; curves says which array, not a traceback."""
     res = collect(CollectConfig(model=str(tiny_llama), corpus=str(text_corpus), max_tokens=200, seq_len=64,

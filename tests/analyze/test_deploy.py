@@ -93,6 +93,7 @@ def test_deployment_tables_views_and_named_query(store):
         compute_deployment(path, run_id, rule="threshold", value=0.5)
 
 
+@pytest.mark.slow
 def test_cli_deployment(store):
     path, _ = store
     r = run_cli("deployment", str(path), "--tokens", "128", "--batch-sizes", "1,8", "--patterns", "2:4", "-q")

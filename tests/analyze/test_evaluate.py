@@ -340,6 +340,7 @@ def dataclass_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
+@pytest.mark.slow
 def test_evaluation_attached_to_a_run_and_proxy_check(f32_store, tiny_llama, text_corpus):
     """CLI with --run: results in the run's analysis/, listed in its checksums, proxy check printed."""
     from actsparse.share import verify
@@ -380,6 +381,7 @@ def other_model(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny-other"), "llama", seed=1)
 
 
+@pytest.mark.slow
 def test_a_relative_store_path_records_results_and_one_window_gives_no_interval(f32_store, tmp_path):
     """`evaluate --store S` with a relative path once recorded nothing in the run's checksums.json (verify warned,
     pack left the results out); and one held-out window gave zero-width "95% intervals" (here: 128 tokens
@@ -415,6 +417,7 @@ def test_a_relative_store_path_records_results_and_one_window_gives_no_interval(
     assert summary["n_windows"].max() < 5 and summary["acc_ratio_lo"].is_nan().all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["target", "grid", "grid-empty", "few-tokens", "mismatch"])
 def test_bad_input_is_a_one_line_cli_error(case, tiny_llama, text_corpus, f32_store, other_model, tmp_path):
     store, res = f32_store

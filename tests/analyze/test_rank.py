@@ -88,6 +88,7 @@ def test_rank_of_a_run_is_stored_and_queryable(store):
         compute_rank(path, run_id, token_counts=(10**7,))
 
 
+@pytest.mark.slow
 def test_cli_rank(store):
     path, run_id = store
     r = run_cli("rank", str(path), "--tokens", "64", "--site", "input", "-q")

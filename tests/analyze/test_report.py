@@ -218,6 +218,7 @@ def tiny_store(tmp_path_factory, tiny_llama, text_corpus):
     return store, res.run_id
 
 
+@pytest.mark.slow
 def test_cli_report_open_loop_only(tiny_store, tmp_path, chromium):
     store, run_id = tiny_store
     out = tmp_path / "report"
@@ -234,6 +235,7 @@ def test_cli_report_open_loop_only(tiny_store, tmp_path, chromium):
     assert len(images) == 2 * len(expected_stems([run_id], closed=False))
 
 
+@pytest.mark.slow
 def test_report_two_runs_with_closed_loop(tiny_store, tiny_llama, text_corpus, tmp_path, chromium):
     store, run_id = tiny_store
     copy = tmp_path / "store"
@@ -256,6 +258,7 @@ def test_report_two_runs_with_closed_loop(tiny_store, tiny_llama, text_corpus, t
     check_in_browser(chromium, index, tmp_path / "profile")
 
 
+@pytest.mark.slow
 def test_report_errors_are_one_line(tiny_store, tmp_path):
     store, _ = tiny_store
     out = str(tmp_path / "o")
@@ -270,6 +273,7 @@ def test_report_errors_are_one_line(tiny_store, tmp_path):
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_report_never_overwrites_files_it_did_not_write(tiny_store, tmp_path):
     """`report --out DIR` overwrote the user's files in a non-empty directory (and wrote into `/` if asked)."""
     store, _ = tiny_store

@@ -43,6 +43,7 @@ def test_older_manifests_without_the_count_still_read():
     assert fmt.ModelInfo.from_dict(d, "test").n_params is None
 
 
+@pytest.mark.slow
 def test_report_draws_rank_and_size_figures(analysis_store, tmp_path):
     from actsparse.analyze.rank import compute_rank
     from actsparse.analyze.report import build_report

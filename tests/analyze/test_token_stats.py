@@ -95,6 +95,7 @@ def test_token_stats_match_dense_arrays(store):
                 assert rows["special"].to_list() == tok["special"].to_list()
 
 
+@pytest.mark.slow
 def test_collection_records_stats_in_checksums_and_index_rebuilds_them(store, tmp_path):
     path, a, b = store
     listed = parse_checksums((path / "runs" / a / fmt.CHECKSUMS).read_bytes(), "x")

@@ -159,6 +159,7 @@ def test_closed_loop_wina_and_per_layer_values(tiny_llama):
         Sparsifier(arch, "intermediate", "top-p", [0.9])
 
 
+@pytest.mark.slow
 def test_cli_rules_are_listed_and_checked(store):
     path, _ = store
     r = run_cli("curves", str(path), "--rule", "wina-top-k", "--grid", "0.5", "--format", "csv")

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import run_cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [("models", "list"), ("corpora", "list"), ("query", "list")])
 def test_listings_piped_are_complete_in_every_format(args):
     table = run_cli(*args, env={"COLUMNS": "40"})

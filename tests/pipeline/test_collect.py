@@ -179,6 +179,7 @@ def test_different_runs_write_into_one_store_concurrently(tiny_llama, text_corpu
         assert run.tokens().height == 2000
 
 
+@pytest.mark.slow
 def test_batch_jobs_skip_completed_and_continue_past_failures(tiny_llama, text_corpus, tmp_path):
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(f"""
@@ -252,6 +253,7 @@ def _no_complete_run(store: Path):
         assert json.loads(m.read_text())["status"] != "complete"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["alias", "path", "arch", "empty", "undecodable", "field", "seqlen", "seqlen1", "site",
                                   "storefile", "pickle"])
 def test_bad_input_gets_one_line_error(case, tiny_llama, text_corpus, tmp_path):
@@ -296,6 +298,7 @@ def test_bad_input_gets_one_line_error(case, tiny_llama, text_corpus, tmp_path):
         _no_complete_run(store)
 
 
+@pytest.mark.slow
 def test_read_only_store_is_refused(tiny_llama, text_corpus, tmp_path):
     with tmpfs(tmp_path / "ro", ro=True) as ro:
         r = run_cli("collect", "--model", str(tiny_llama), "--corpus", str(text_corpus), "--store", str(ro / "S"),
@@ -303,6 +306,7 @@ def test_read_only_store_is_refused(tiny_llama, text_corpus, tmp_path):
     _one_line_error(r, "read-only")
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_run_incomplete(tiny_llama, text_corpus, tmp_path):
     with tmpfs(tmp_path / "small", size="3m") as small:
         r = run_cli("collect", "--model", str(tiny_llama), "--corpus", str(text_corpus), "--store", str(small / "S"),

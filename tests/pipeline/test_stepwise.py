@@ -200,6 +200,7 @@ def test_sigkill_then_resume_a_generation_run(tiny_llama, text_corpus, tmp_path)
     assert _files(ref) == _files(killed)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(tiny_llama, text_corpus, tmp_path):
     r = run_cli("collect", "-m", str(tiny_llama), "-c", str(text_corpus), "-s", str(tmp_path / "S"), "--seq-len", "32",
                 "--diffusion", "--steps", "4", "--gen-length", "8", "--block-length", "4")

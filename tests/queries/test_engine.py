@@ -220,6 +220,7 @@ def test_copied_and_read_only_stores_answer_identically(store, tmp_path):
         assert r.returncode == 0 and r.stdout.count("\n") == 4
 
 
+@pytest.mark.slow
 def test_remote_http_store_answers_identically(store, tmp_path, serve):  # noqa: F811
     pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp (pip install 'actsparse[http]')")
     path, a, b = store
@@ -284,6 +285,7 @@ def test_an_empty_named_query_says_what_the_run_holds(store):
     assert full.returncode == 0 and full.stderr == ""
 
 
+@pytest.mark.slow
 def test_cli_formats_errors_and_out_file(store, tmp_path):
     path, a, _ = store
     with Store(path) as st:
@@ -375,6 +377,7 @@ def test_the_engine_itself_writes_nothing_whatever_statement_reaches_it(store, t
     assert _tree_digest(path) == before and not (tmp_path / "outside.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_part_leaves_its_run_out_and_says_so(store, tmp_path):
     """A missing tokens part made `sql` and `query` fail with a 47-line traceback, even for the intact runs; a
     missing token_stats part silently shrank every result."""

@@ -99,6 +99,7 @@ def with_run(two_model_store, tiny_llama, tmp_path_factory):
     return store, a, yaml, evs
 
 
+@pytest.mark.slow
 def test_results_with_a_run_land_in_its_analysis_and_are_checksummed(with_run, tiny_llama):
     store, a, _, evs = with_run
     base = store / fmt.result_base(a)
@@ -139,6 +140,7 @@ def test_views_and_named_query_see_both_targets(with_run):
         assert st.query("task_critical_sparsity", task="average").height == 0  # one task: no average
 
 
+@pytest.mark.slow
 def test_the_report_shows_task_accuracy_and_critical_sparsity(with_run, tmp_path):
     from actsparse.analyze.report import build_report
 
@@ -169,6 +171,7 @@ def test_bad_settings_are_refused_before_anything_is_loaded(changes, words):
         evaluate_tasks(TaskEvalConfig(model="no-such-model", **changes), CLOZE_TASK, log=quiet)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["yaml", "count-mode", "corpus"])
 def test_bad_input_is_a_one_line_cli_error(case, tmp_path):
     bad = tmp_path / "bad.yaml"
