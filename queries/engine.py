@@ -47,6 +47,69 @@ CLOSE_WAIT_S = 30.0
 PROTOCOL = "actsparse"  # what DuckDB sees: actsparse://<store-relative path>, through the read-only wrapper
 
 
+class SharedReader:
+    """One read-only file that several DuckDB threads read through a single handle.
+
+    DuckDB's Python filesystem reads a row group by ``seek(location)`` then ``read(n)``, and its Parquet reader
+    shares one handle between the threads scanning a file's row groups: on a plain file object the threads'
+    seeks and reads interleave, and a query fails with "ZSTD Decompression failure" or garbled metadata (or
+    worse, reads wrong bytes) once a file has several row groups. Here each thread has its own position; a
+    local file is read with ``os.pread`` (no shared offset), a remote one under a lock.
+    """
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+        self._lock = threading.Lock()
+        self._where = threading.local()
+        self._fd = f.fileno() if hasattr(f, "fileno") and not hasattr(f, "fs") else None
+
+    def _pos(self) -> int:
+        return getattr(self._where, "pos", 0)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos(), os.SEEK_END: self._size}[whence]
+        self._where.pos = max(base + offset, 0)
+        return self._where.pos
+
+    def tell(self) -> int:
+        return self._pos()
+
+    def read(self, n: int | None = -1) -> bytes:
+        pos = self._pos()
+        if n is None or n < 0:
+            n = max(self._size - pos, 0)
+        if self._fd is not None:
+            data = os.pread(self._fd, n, pos)
+        else:
+            with self._lock:
+                self._f.seek(pos)
+                data = self._f.read(n)
+        self._where.pos = pos + len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _read_only_fs(fs, root: str, local: bool):
     """A read-only fsspec filesystem over ``root`` of ``fs``, for registering with DuckDB.
 
@@ -67,10 +130,12 @@ def _read_only_fs(fs, root: str, local: bool):
                 raise PermissionError(f"the store is read-only (open {path!r} mode {mode!r} refused)")
             if local:
                 try:
-                    return open_regular(self._url(path))
+                    f = open_regular(self._url(path))
                 except NotRegularFile as e:
                     raise PermissionError(f"{path} is {e.what}; a store holds regular files only") from None
-            return fs.open(self._url(path), "rb")
+                return SharedReader(f, os.fstat(f.fileno()).st_size)
+            f = fs.open(self._url(path), "rb")
+            return SharedReader(f, f.size)
 
         def info(self, path, **kwargs):
             return {**fs.info(self._url(path)), "name": str(path)}

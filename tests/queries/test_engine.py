@@ -443,3 +443,36 @@ def test_sql_out_is_written_whole_or_not_at_all(store, tmp_path):
         r = run_cli("sql", str(path), "SELECT * FROM token_stats", "--format", "csv", "--out", str(out))
         _one_line(r, "disk full while writing", str(out))
         assert out.read_text() == "previous result\n" and [p.name for p in small.iterdir()] == ["r.csv"]
+
+
+def test_threads_sharing_one_file_handle_read_their_own_bytes(tmp_path):
+    """DuckDB's threads share one handle per Parquet file and each seeks then reads: on a plain file object they
+    interleaved, and queries over files of several row groups failed ("ZSTD Decompression failure") or read
+    garbled metadata. Each thread of a SharedReader reads at its own position."""
+    import random
+    import threading
+
+    from actsparse.queries.engine import SharedReader
+
+    data = random.Random(0).randbytes(1 << 20)
+    (tmp_path / "f").write_bytes(data)
+    reader = SharedReader(open(tmp_path / "f", "rb"), len(data))
+    wrong = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(300):
+            start, n = rng.randrange(len(data)), rng.randrange(1, 4096)
+            reader.seek(start)
+            if reader.read(n) != data[start:start + n]:
+                wrong.append((seed, start, n))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader.seek(-10, 2)
+    assert wrong == [] and reader.read() == data[-10:] and reader.tell() == len(data)
+    reader.close()
+    assert reader.closed
