@@ -456,7 +456,7 @@ def test_threads_sharing_one_file_handle_read_their_own_bytes(tmp_path):
 
     data = random.Random(0).randbytes(1 << 20)
     (tmp_path / "f").write_bytes(data)
-    reader = SharedReader(open(tmp_path / "f", "rb"), len(data))
+    reader = SharedReader((tmp_path / "f").open("rb"), len(data))  # closed at the end: checked
     wrong = []
 
     def worker(seed: int) -> None:
