@@ -39,6 +39,9 @@ STORES = ("S", "SRC")  # how the README writes the store a command reads
 SKIP = {
     "path/to/qwen2-moe": "the mixture-of-experts block needs a MoE checkpoint; none is packaged here (tiny "
                          "random-init ones: tests/pipeline/test_moe_collect.py, tests/analyze/test_moe_curves.py)",
+    "path/to/llada": "a masked-diffusion (LLaDA-layout) checkpoint; none is packaged here (tiny random-init ones: "
+                     "tests/pipeline/test_stepwise.py, tests/analyze/test_steps.py, test_evaluate_decoded.py)",
+    "441f": "reads the diffusion run of the LLaDA checkpoint above",
     "--tasks actsparse_wiki": "minutes of CPU (3 tasks x 8 grid values x 60 examples); the same path runs on a "
                               "tiny model in tests/analyze/tasks/",
     "--tasks my_tasks/": "the user's own task files, which the README names only as an example",
