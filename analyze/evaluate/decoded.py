@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from actsparse.analyze.evaluate.bootstrap import _interval, _resample_counts
-from actsparse.analyze.evaluate.config import N_BOOT, SPLIT
+from actsparse.analyze.evaluate.config import N_BOOT, SPLIT, grid_values
 from actsparse.analyze.evaluate.storage import base_dir, check_against_run, checksum, with_run
 from actsparse.analyze.sparsifier import DIFFUSION_RULES, UNCALIBRATED_RULES, Sparsifier, check_closed_loop
 from actsparse.core import format as fmt
@@ -78,10 +78,8 @@ class DecodedEvalConfig:
         return self.decoding.kind
 
     def values(self) -> tuple[float, ...]:
-        try:
-            return tuple(dict.fromkeys(float(v) for v in self.grid))
-        except (TypeError, ValueError):
-            raise ActsparseError(f"grid values must be numbers, got {self.grid!r}") from None
+        """The grid as floats, duplicates dropped, in the given order (``evaluate.config.grid_values``)."""
+        return grid_values(self.grid)
 
     def validate(self) -> None:
         """Raise ActsparseError for values that cannot work, before anything is loaded."""
